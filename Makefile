@@ -1,0 +1,25 @@
+# make demo | make test | make bench: each creates .venv on first use (torch first, then the package).
+
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+# Touched after a complete install; reinstalls only when pyproject.toml changes.
+STAMP := $(VENV)/.curvlab-installed
+
+.PHONY: demo test bench venv
+
+demo: venv
+	$(VENV)/bin/curvlab compare --force
+
+test: venv
+	$(PYTHON) -m pytest -q tests curvlab
+
+bench: venv
+	$(PYTHON) benchmarks/products.py
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e '.[dev]'
+	touch $@

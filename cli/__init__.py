@@ -1,0 +1,1 @@
+"""The ``curvlab`` command line (installed as the package ``curvlab_cli``)."""

@@ -1,0 +1,147 @@
+"""The linear-operator core shared by every curvature matrix.
+
+An operator ``C`` of shape ``(P, P)`` acts on flat vectors ``(P,)``, on matrices ``(P, K)`` (all K
+columns in one pass over the data) and on parameter dicts. Internally directions are the K rows of
+a ``(K, P)`` tensor, so that each direction is contiguous; since ``C`` is symmetric, ``(C V)ᵀ = Vᵀ C``.
+A concrete operator defines only the product of one batch's share with K directions; this base owns
+the loop over the data, the conversions, dense materialisation within the memory budget and the
+scipy view.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from tqdm.auto import tqdm
+
+from curvlab.errors import InvalidProblem
+from curvlab.memory import check_dense
+from curvlab.problem import Problem, differentiable_kernels
+
+DENSE_CHUNK = 128
+
+
+class CurvatureOperator(ABC):
+    """A symmetric ``(P, P)`` matrix over the studied parameters, applied matrix-free."""
+
+    kind: str
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.problem.num_params, self.problem.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.problem.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.problem.device
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def __matmul__(self, v):
+        """``C @ v`` for ``v`` of shape ``(P,)`` or ``(P, K)``, or a dict name -> tensor; same form back."""
+        if isinstance(v, Mapping):
+            missing = set(self.problem.param_names) - set(v)
+            if missing:
+                raise InvalidProblem(f"the direction lacks parameter(s) {', '.join(sorted(missing))}")
+            flat = self.problem.flatten({name: torch.as_tensor(v[name]) for name in self.problem.param_names})
+            return self.problem.unflatten(self._apply(flat.unsqueeze(0)).squeeze(0))
+        v = torch.as_tensor(v)
+        if v.ndim not in (1, 2) or v.shape[0] != self.shape[1]:
+            raise InvalidProblem(
+                f"cannot multiply a {self.shape} operator with a tensor of shape {tuple(v.shape)}; "
+                f"give (P,), (P, K) or a dict of parameter-shaped tensors"
+            )
+        if v.ndim == 1:
+            return self._apply(v.unsqueeze(0)).squeeze(0)
+        return self._apply(v.T).T
+
+    def _apply(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(device=self.device, dtype=self.dtype).contiguous()
+        if rows.shape[0] == 0:
+            return rows.clone()
+        with torch.no_grad(), differentiable_kernels():
+            return self._matmat(rows)
+
+    @abstractmethod
+    def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(C Vᵀ)ᵀ = V C`` for K directions as the rows of ``V``, shape ``(K, P)``, contiguous."""
+
+    def to_dense(self, budget: int | None = None, progress: bool = True) -> torch.Tensor:
+        """The ``(P, P)`` matrix, built from products with chunks of identity rows.
+
+        Raises :class:`curvlab.DenseTooLarge` when ``P² · itemsize`` exceeds the memory budget
+        (``budget`` bytes if given, see :mod:`curvlab.memory`). ``progress`` shows a bar on stderr
+        when more than a few chunks are needed.
+        """
+        P = self.shape[0]
+        check_dense(P, P, self.dtype, self.device, f"{self.kind} matrix", budget)
+        dense = torch.empty(P, P, dtype=self.dtype, device=self.device)
+        starts = range(0, P, DENSE_CHUNK)
+        for start in tqdm(starts, desc=f"dense {self.kind}", disable=not progress or len(starts) < 4, leave=False):
+            stop = min(start + DENSE_CHUNK, P)
+            eye = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
+            eye[:, start:stop].fill_diagonal_(1)
+            dense[start:stop] = self._apply(eye)
+        return dense
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            result = self @ torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+            return result.detach().to("cpu", torch.float64).numpy()
+
+        return LinearOperator(self.shape, matvec=matmat, matmat=matmat, rmatvec=matmat, rmatmat=matmat,
+                              dtype=np.float64)
+
+
+class BlockDiagonal(CurvatureOperator):
+    """``diag(C_1, …, C_B)``: one exact curvature block per module that owns studied parameters."""
+
+    def __init__(self, problem: Problem, blocks: list[tuple[str, CurvatureOperator]]):
+        super().__init__(problem)
+        self.blocks = blocks
+        self.kind = blocks[0][1].kind
+        position = {}
+        offset = 0
+        for name, shape in zip(problem.param_names, problem.param_shapes):
+            position[name] = (offset, offset + shape.numel())
+            offset += shape.numel()
+        self._index = [
+            torch.cat([torch.arange(*position[name]) for name in block.problem.param_names])
+            for _, block in blocks
+        ]
+
+    def _matmat(self, rows):
+        result = torch.empty_like(rows)
+        for index, (_, block) in zip(self._index, self.blocks):
+            index = index.to(rows.device)
+            result[:, index] = block._matmat(rows[:, index].contiguous())
+        return result
+
+
+class SummedOverData(CurvatureOperator):
+    """A curvature matrix that is a sum of per-batch shares, ``C = Σ_b C_b``."""
+
+    def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
+        """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share."""
+        directions = self.problem.unflatten(rows)
+        total = None
+        for index, X, y in self.problem.batches():
+            share = self._batch_matmat(index, X, y, directions)
+            total = share if total is None else total.add_(share)
+        return total
+
+    @abstractmethod
+    def _batch_matmat(self, index: int, X, y: torch.Tensor,
+                      directions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One batch's share of ``C`` applied to K directions given as ``(K, *shape)`` tensors: ``(K, P)``."""

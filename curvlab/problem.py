@@ -1,0 +1,322 @@
+"""The object of study: a model, its data, its loss and the parameters whose curvature is measured.
+
+The model becomes the pure function ``f(θ, X)`` through :func:`torch.func.functional_call`; the
+loss on all data is ``L(θ) = R · Σ_n ℓ(f(θ, x_n), y_n)`` with the reduction factor ``R`` of
+DESIGN.md (1 for ``sum``; one over the number of terms torch averages over for ``mean``).
+"""
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, RandomSampler
+
+from curvlab.errors import InvalidProblem
+from curvlab.likelihoods import LIKELIHOODS, Likelihood
+
+_LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce"}
+
+
+@contextlib.contextmanager
+def differentiable_kernels():
+    """Run attention through kernels that support forward mode and double backward.
+
+    The fused fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` and the fused
+    scaled-dot-product kernels implement neither; inside this context they fall back to the
+    composite implementation, whose derivatives are exact.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _likelihood(loss, reduction: str) -> Likelihood:
+    if isinstance(loss, nn.Module):
+        name = _LOSS_MODULES.get(type(loss))
+        if name is None:
+            raise InvalidProblem(
+                f"unsupported loss module {type(loss).__name__}; use nn.CrossEntropyLoss, nn.MSELoss, "
+                f"nn.BCEWithLogitsLoss or the names 'cross_entropy', 'mse', 'bce'"
+            )
+        unsupported = [
+            option for option in ("weight", "pos_weight")
+            if getattr(loss, option, None) is not None
+        ] + (["label_smoothing"] if getattr(loss, "label_smoothing", 0.0) else [])
+        if unsupported:
+            raise InvalidProblem(
+                f"{type(loss).__name__} with {', '.join(unsupported)} is not supported: its curvature is "
+                f"not that of a likelihood; pass the loss without {' or '.join(unsupported)}"
+            )
+        if loss.reduction != reduction:
+            raise InvalidProblem(
+                f"the loss module has reduction={loss.reduction!r} but reduction={reduction!r} was given; "
+                f"pass reduction={loss.reduction!r}"
+            )
+        return LIKELIHOODS[name]()
+    if loss not in LIKELIHOODS:
+        raise InvalidProblem(f"unknown loss {loss!r}; choose one of {', '.join(LIKELIHOODS)}")
+    return LIKELIHOODS[loss]()
+
+
+def _select_parameters(model: nn.Module, params) -> list[str]:
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        names = trainable
+    elif isinstance(params, str):
+        try:
+            pattern = re.compile(params)
+        except re.error as err:
+            raise InvalidProblem(f"params={params!r} is not a valid regular expression: {err}") from None
+        names = [name for name in trainable if pattern.search(name)]
+        if not names:
+            raise InvalidProblem(
+                f"params={params!r} matches no trainable parameter; the names are: {', '.join(trainable)}"
+            )
+    else:
+        wanted = list(params)
+        unknown = [name for name in wanted if name not in trainable]
+        if unknown:
+            raise InvalidProblem(
+                f"unknown or frozen parameter name(s) {', '.join(map(repr, unknown))}; the trainable "
+                f"parameters are: {', '.join(trainable)}"
+            )
+        names = [name for name in trainable if name in set(wanted)]
+    if not names:
+        raise InvalidProblem("the model has no trainable parameters to study")
+    return names
+
+
+def _as_batches(data) -> Iterable:
+    if _is_batch(data):
+        return [tuple(data)]
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
+        raise InvalidProblem(
+            "the DataLoader shuffles (shuffle=True): curvature operators pass over the data many times "
+            "and need the same batches each time; build it with shuffle=False"
+        )
+    if not isinstance(data, Iterable) or isinstance(data, (torch.Tensor, Mapping, str)):
+        raise InvalidProblem(
+            f"data must be a pair (X, y) or an iterable of (X, y) batches, got {type(data).__name__}"
+        )
+    return list(data) if iter(data) is data else data
+
+
+def _is_input(x) -> bool:
+    return isinstance(x, torch.Tensor) or (
+        isinstance(x, Mapping) and len(x) > 0 and all(isinstance(v, torch.Tensor) for v in x.values())
+    )
+
+
+def _is_batch(item) -> bool:
+    return (isinstance(item, (tuple, list)) and len(item) == 2 and _is_input(item[0])
+            and isinstance(item[1], torch.Tensor))
+
+
+def _batch_size(X) -> int:
+    sizes = {t.shape[0] if t.ndim else None for t in (X.values() if isinstance(X, Mapping) else [X])}
+    if len(sizes) != 1 or None in sizes:
+        raise InvalidProblem(
+            "every input tensor of a batch needs the same leading (batch) dimension, got sizes "
+            f"{sorted(map(str, sizes))}"
+        )
+    return sizes.pop()
+
+
+class Problem:
+    """A model, its data, its loss and the studied parameters θ (P numbers in all).
+
+    Args:
+        model: an ``nn.Module``; it is switched to eval mode (dropout off, batch-norm statistics fixed).
+        data: one batch ``(X, y)`` or an iterable of batches (sizes may differ); ``X`` is a tensor or a
+            dict of tensors passed as keyword arguments. Floating inputs and targets are cast to the
+            parameters' dtype and moved to their device.
+        loss: ``"cross_entropy"`` (classes on the last output dimension: ``(N, C)`` or ``(N, T, C)``),
+            ``"mse"``, ``"bce"`` (with logits), or the equivalent ``torch.nn`` loss module.
+        params: ``None`` (all trainable), a list of parameter names, or a regex searched in each name.
+        reduction: ``"mean"`` or ``"sum"``, as torch's loss would reduce.
+        process_group: reserved for data-parallel analysis, which curvlab does not implement yet.
+
+    Examples:
+        >>> import torch, curvlab
+        >>> model = torch.nn.Linear(3, 2)
+        >>> prob = curvlab.Problem(model, (torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])))
+        >>> prob.num_params, prob.num_examples, prob.reduction_factor
+        (8, 5, 0.2)
+    """
+
+    def __init__(self, model: nn.Module, data, loss="cross_entropy", params=None, reduction: str = "mean",
+                 process_group=None):
+        if process_group is not None:
+            raise InvalidProblem(
+                "data-parallel analysis (process_group) is not implemented yet; run in one process"
+            )
+        if not isinstance(model, nn.Module):
+            raise InvalidProblem(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if reduction not in ("mean", "sum"):
+            raise InvalidProblem(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
+        self.model = model.eval()
+        self.likelihood = _likelihood(loss, reduction)
+        self.reduction = reduction
+        self.param_names = _select_parameters(model, params)
+        named = dict(model.named_parameters())
+        self._all_params = {name: p.detach() for name, p in named.items()}
+        studied = [named[name] for name in self.param_names]
+        if len({(p.dtype, p.device) for p in studied}) > 1:
+            raise InvalidProblem("the studied parameters must share one dtype and one device; cast the model")
+        self.dtype, self.device = studied[0].dtype, studied[0].device
+        if not self.dtype.is_floating_point:
+            raise InvalidProblem(f"parameters must be floating point, got {self.dtype}")
+        bad = [name for name, p in named.items() if not torch.isfinite(p).all()]
+        if bad:
+            raise InvalidProblem(
+                f"non-finite values (nan or inf) in parameter(s) {', '.join(bad)}; load a healthy checkpoint"
+            )
+        self._data = _as_batches(data)
+        self._scan()
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """The studied parameters θ, detached: name -> tensor."""
+        return {name: self._all_params[name] for name in self.param_names}
+
+    @property
+    def param_shapes(self) -> list[torch.Size]:
+        return [self._all_params[name].shape for name in self.param_names]
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of studied parameters."""
+        return sum(self._all_params[name].numel() for name in self.param_names)
+
+    def forward(self, params: Mapping[str, torch.Tensor], X) -> torch.Tensor:
+        """``f(θ, X)``: the model's output with the studied parameters replaced by ``params``."""
+        values = {**self._all_params, **params}
+        if isinstance(X, Mapping):
+            return functional_call(self.model, values, (), dict(X))
+        return functional_call(self.model, values, (X,))
+
+    def batch_loss(self, params: Mapping[str, torch.Tensor], X, y) -> torch.Tensor:
+        """``R · Σ_{n ∈ batch} ℓ_n``: one batch's share of ``L``."""
+        return self.reduction_factor * self.likelihood.loss(self.forward(params, X), y)
+
+    def batches(self) -> Iterator[tuple[int, object, torch.Tensor]]:
+        """``(index, X, y)`` for every batch, on the parameters' device and dtype."""
+        for index, batch in enumerate(self._data):
+            if not _is_batch(batch):
+                raise InvalidProblem(
+                    f"batch {index} is not a pair (X, y) of tensors (X may be a dict of tensors), "
+                    f"got {type(batch).__name__}"
+                )
+            X, y = batch
+            yield index, self._prepare_input(X), self.likelihood.prepare_target(y.to(self.device), self.dtype)
+
+    def _prepare_input(self, X):
+        if isinstance(X, Mapping):
+            return {key: self._prepare_input(value) for key, value in X.items()}
+        X = X.to(self.device)
+        return X.to(self.dtype) if X.is_floating_point() else X
+
+    def _scan(self) -> None:
+        """One forward pass over the data: shapes, labels, finiteness, counts and determinism."""
+        examples = terms = 0
+        total = 0.0
+        with torch.no_grad(), differentiable_kernels():
+            for index, X, y in self.batches():
+                size = _batch_size(X)
+                if y.ndim == 0 or y.shape[0] != size:
+                    raise InvalidProblem(
+                        f"batch {index}: {size} inputs but targets of shape {tuple(y.shape)}; "
+                        f"give one target per example"
+                    )
+                try:
+                    output = self.forward(self.params, X)
+                except Exception as err:
+                    raise InvalidProblem(
+                        f"the model failed on batch {index}: {type(err).__name__}: {err}"
+                    ) from err
+                if not isinstance(output, torch.Tensor):
+                    raise InvalidProblem(
+                        f"the model must return one tensor of outputs, got {type(output).__name__}; "
+                        f"wrap it so that forward returns the logits/predictions"
+                    )
+                terms += self.likelihood.validate(output, y)
+                loss = self.likelihood.loss(output, y)
+                if not torch.isfinite(loss):
+                    raise InvalidProblem(
+                        f"the loss is not finite on batch {index} ({loss.item()}); check the inputs "
+                        f"for nan/inf and the model for overflow"
+                    )
+                if index == 0 and not torch.equal(output, self.forward(self.params, X)):
+                    raise InvalidProblem(
+                        "the model's outputs differ between two identical forward passes in eval mode "
+                        "(randomness in forward?); curvature needs a deterministic function: remove "
+                        "the random operations or make them respect model.training"
+                    )
+                examples += size
+                total += loss.item()
+        if examples == 0:
+            raise InvalidProblem("the dataset is empty: give at least one example")
+        self.num_examples = examples
+        self.num_terms = terms
+        self.reduction_factor = 1.0 if self.reduction == "sum" else 1.0 / terms
+        self._loss_value = self.reduction_factor * total
+
+    def loss_value(self) -> float:
+        """``L(θ)`` on all data."""
+        return self._loss_value
+
+    def gradient(self) -> torch.Tensor:
+        """``∇L(θ)`` on all data, flattened: shape ``(P,)``."""
+        total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        with differentiable_kernels():
+            for _, X, y in self.batches():
+                total += self.flatten(grad(self.batch_loss)(self.params, X, y))
+        return total
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor], leading: int = 0) -> torch.Tensor:
+        """Concatenate per-parameter tensors of shape ``(*lead, *shape)`` into ``(*lead, P)``."""
+        return torch.cat([tensors[name].flatten(leading) for name in self.param_names], dim=leading)
+
+    def stack_columns(self, columns: Iterable[Mapping[str, torch.Tensor]], count: int) -> torch.Tensor:
+        """Write the k-th per-parameter dict of ``columns`` into row k of a ``(count, P)`` tensor."""
+        rows = torch.empty(count, self.num_params, dtype=self.dtype, device=self.device)
+        sizes = [shape.numel() for shape in self.param_shapes]
+        for row, column in zip(rows, columns):
+            for piece, name in zip(row.split(sizes), self.param_names):
+                piece.copy_(column[name].flatten())
+        return rows
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split ``(*lead, P)`` into per-parameter tensors of shape ``(*lead, *shape)``."""
+        lead = flat.shape[:-1]
+        pieces = flat.split([shape.numel() for shape in self.param_shapes], dim=-1)
+        return {name: piece.reshape(*lead, *shape)
+                for name, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
+
+    def restrict(self, names: list[str]) -> "Problem":
+        """The same problem with only ``names`` (a subset of the studied parameters) studied."""
+        restricted = copy.copy(self)
+        restricted.param_names = [name for name in self.param_names if name in set(names)]
+        return restricted
+
+    def module_blocks(self) -> list[tuple[str, list[str]]]:
+        """``(module name, its studied parameter names)`` for every module that directly owns studied ones."""
+        studied = set(self.param_names)
+        blocks = []
+        for module_name, module in self.model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            names = [prefix + local for local, _ in module.named_parameters(recurse=False)
+                     if prefix + local in studied]
+            if names:
+                blocks.append((module_name, names))
+                studied -= set(names)
+        return blocks

@@ -1,0 +1,158 @@
+"""The analysis run (curvlab.compare), the built-in problem (curvlab.zoo) and the report directory."""
+
+import json
+import pathlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import curvlab
+import reference
+from curvlab.compare import Comparison, compare
+from curvlab.report import ReportExists
+from curvlab.zoo import default_problem
+from models import make_case
+
+SMALL_ZOO = dict(train_steps=20, hidden=8, analysis_examples=64)
+ALL_KINDS = ["hessian", "abs_hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"]
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case("mlp_ce")
+
+
+@pytest.fixture(scope="module")
+def result(case):
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    return compare(prob, kinds=ALL_KINDS, seed=3, progress=False)
+
+
+def test_default_problem_is_deterministic_and_leaves_global_rng_alone():
+    torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()
+    first = default_problem(seed=1, **SMALL_ZOO).problem
+    second = default_problem(seed=1, **SMALL_ZOO).problem
+    other = default_problem(seed=2, **SMALL_ZOO).problem
+
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
+    assert first.num_examples == 64 and first.dtype == torch.float64
+    for name in first.param_names:
+        assert torch.equal(first.params[name], second.params[name])
+    assert not torch.equal(first.params["0.weight"], other.params["0.weight"])
+    assert first.loss_value() == second.loss_value()
+
+
+def test_spectra_match_eigvalsh_of_autograd_references(case, result):
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    labels = curvlab.curvature(prob, "fisher_mc", seed=3).sampled_targets()
+    spectra = result.tables["spectra"].set_index("kind")
+    for kind in ALL_KINDS:
+        if kind == "fisher_mc":
+            dense = reference.mc_fisher(case.model, case.batches, case.loss, "mean", labels).detach()
+        else:
+            dense = reference.dense(kind, case.model, case.batches, case.loss, "mean")
+        expected = torch.linalg.eigvalsh((dense + dense.T) / 2).numpy()
+        scale = np.abs(expected).max()
+        row = spectra.loc[kind]
+
+        assert row["status"] == "ok"
+        np.testing.assert_allclose(result.eigenvalues[kind], expected, rtol=0, atol=1e-10 * scale)
+        assert row["trace"] == pytest.approx(dense.trace().item(), rel=1e-10)
+        assert row["lambda_max"] == pytest.approx(expected[-1], rel=1e-10)
+        assert row["lambda_min"] == pytest.approx(expected[0], rel=0, abs=1e-10 * scale)
+        assert row["negative"] == (expected < -row["tolerance"]).sum()
+        assert row["zero"] == (np.abs(expected) <= row["tolerance"]).sum()
+        assert row["seconds_dense"] >= 0 and row["seconds_eigvalsh"] >= 0
+    assert spectra.loc["hessian", "negative"] > 0
+    assert (spectra.loc[["abs_hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"], "negative"] == 0).all()
+
+
+def test_parameter_table_counts_every_studied_parameter(case, result):
+    parameters = result.tables["parameters"]
+    assert parameters["parameter"].tolist() == case.param_names
+    assert parameters["count"].sum() == sum(p.numel() for p in case.model.parameters())
+    assert parameters["module"].tolist() == ["0", "0", "2", "2"]
+
+
+def test_results_json_round_trips(result, tmp_path):
+    index = result.to_html(tmp_path / "report")
+    text = (tmp_path / "report" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    loaded = Comparison.load(tmp_path / "report" / "results.json")
+
+    assert index == tmp_path / "report" / "index.html" and index.is_file()
+    assert loaded.tables.keys() == result.tables.keys()
+    for name, table in result.tables.items():
+        pd.testing.assert_frame_equal(loaded.tables[name], table)
+    assert loaded.eigenvalues.keys() == result.eigenvalues.keys()
+    for kind, values in result.eigenvalues.items():
+        np.testing.assert_array_equal(loaded.eigenvalues[kind], values)
+    assert (loaded.findings, loaded.notes, loaded.provenance) == (result.findings, result.notes, result.provenance)
+
+
+def test_kind_over_the_memory_budget_gets_a_row_without_numbers(case, monkeypatch, tmp_path):
+    monkeypatch.setenv("CURVLAB_DENSE_BUDGET", "1")
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    result = compare(prob, kinds=["hessian", "ggn"], progress=False)
+    spectra = result.tables["spectra"]
+
+    assert spectra["status"].tolist() == ["dense matrix too large"] * 2
+    assert spectra.drop(columns=["kind", "status"]).isna().all().all()
+    assert result.eigenvalues == {}
+    assert any("CURVLAB_DENSE_BUDGET" in note for note in result.notes)
+    html = result.to_html(tmp_path / "report").read_text()
+    assert "dense matrix too large" in html
+    pd.testing.assert_frame_equal(Comparison.load(tmp_path / "report" / "results.json").tables["spectra"], spectra)
+
+
+def test_unknown_kind_is_refused_before_any_work(case):
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    with pytest.raises(curvlab.InvalidProblem, match="kinds"):
+        compare(prob, kinds=["hessian", "laplacian"], progress=False)
+
+
+def test_existing_report_is_replaced_only_with_force(result, tmp_path):
+    target = tmp_path / "report"
+    result.to_html(target)
+    first = (target / "results.json").read_text()
+
+    with pytest.raises(ReportExists, match="not empty"):
+        result.to_html(target)
+    assert (target / "results.json").read_text() == first
+
+    result.to_html(target, force=True)
+    assert sorted(path.name for path in target.iterdir()) == ["index.html", "results.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report"]
+
+
+def test_force_never_deletes_files_that_are_not_a_report(result, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(ReportExists):
+            result.to_html(tmp_path, force=force)
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_write_leaves_no_partial_report(result, tmp_path, monkeypatch, existing):
+    target = tmp_path / "report"
+    if existing:
+        result.to_html(target)
+    before = {path.name: path.read_bytes() for path in target.iterdir()} if existing else None
+    write_text = pathlib.Path.write_text
+
+    def interrupted_after_first_file(self, *args, **kwargs):
+        if self.name == "results.json":
+            raise KeyboardInterrupt
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", interrupted_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        result.to_html(target, force=True)
+
+    assert [path.name for path in tmp_path.iterdir()] == (["report"] if existing else [])
+    if existing:
+        assert {path.name: path.read_bytes() for path in target.iterdir()} == before
