@@ -1,11 +1,13 @@
 """Cost of one curvature-matrix product, in gradients, on the seed study's MLP.
 
-Model 784-2048-2048-10 (ReLU), batch 128, cross-entropy, float32, 2 CPU threads by default. Each
-figure is the median wall time of a product divided by the median time of one gradient
-(forward + ``loss.backward()``) on the same model and batch. Prints a Markdown table and writes it
-as JSON next to this file (``products.json``) with the machine, device and torch version.
+Model 784-2048-2048-10 (ReLU), batch 128, cross-entropy, float32, 2 CPU threads by default. The
+gradient (forward + ``loss.backward()``), ``prob.gradient()`` (the same gradient through ``torch.func``,
+returned as one flat vector as every product is) and the products are called in turn, round after
+round; each figure is the median over rounds of a product's time over the gradient's time in the
+same round, so that slow drifts of a shared machine cancel. Prints a Markdown table and writes it
+as JSON next to this file (``products-<device>.json``) with the machine, device and torch version.
 
-Usage: ``python benchmarks/products.py [--repeats 7] [--threads 2] [--device cpu] [--columns 16]``
+Usage: ``python benchmarks/products.py [--repeats 11] [--threads 2] [--device cpu] [--columns 16]``
 """
 
 import argparse
@@ -21,18 +23,33 @@ from torch import nn
 import curvlab
 
 
-def median_seconds(fn, repeats: int, device: torch.device) -> float:
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one call of ``fn``, synchronising the GPU around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Times of every function, called in turn in each of ``repeats`` rounds after one warm-up round.
+
+    Ratios are taken within a round, so that slow drifts of a shared machine cancel.
+    """
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, device))
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float], scale: float = 1.0) -> float:
+    return statistics.median(n / (scale * d) for n, d in zip(numerator, denominator))
 
 
 def cpu_name() -> str:
@@ -49,7 +66,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--columns", type=int, default=16)
@@ -68,23 +85,25 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(X), y).backward()
 
-    base = median_seconds(gradient, args.repeats, device)
     v = torch.randn(prob.num_params, device=device)
     # The (P, K) matrix in column-major layout, the transpose of a contiguous (K, P) tensor: curvlab
     # works on contiguous directions, so a row-major (P, K) matrix costs one transposing copy more,
     # reported in its own column.
-    V = torch.randn(args.columns, prob.num_params, device=device).T
+    K = args.columns
+    V = torch.randn(K, prob.num_params, device=device).T
     V_row_major = V.contiguous()
-    rows = []
+    rows, gradient_times = [], []
     for kind in ("hessian", "ggn", "empirical_fisher", "fisher_mc"):
         op = curvlab.curvature(prob, kind)
-        single = median_seconds(lambda: op @ v, args.repeats, device)
-        multi = median_seconds(lambda: op @ V, max(3, args.repeats // 2), device)
-        row_major = median_seconds(lambda: op @ V_row_major, max(3, args.repeats // 2), device)
-        rows.append({"kind": kind, "product_in_gradients": single / base,
-                     f"product_P_{args.columns}_in_gradients": multi / base,
-                     f"P_{args.columns}_over_{args.columns}_single": multi / (args.columns * single),
-                     f"row_major_P_{args.columns}_over_{args.columns}_single": row_major / (args.columns * single)})
+        t = interleaved({"gradient": gradient, "flat": prob.gradient, "single": lambda: op @ v,
+                         "multi": lambda: op @ V, "row_major": lambda: op @ V_row_major}, args.repeats, device)
+        gradient_times += t["gradient"]
+        rows.append({"kind": kind, "product_in_gradients": median_ratio(t["single"], t["gradient"]),
+                     "product_in_flat_func_gradients": median_ratio(t["single"], t["flat"]),
+                     f"product_P_{K}_in_gradients": median_ratio(t["multi"], t["gradient"]),
+                     f"P_{K}_over_{K}_single": median_ratio(t["multi"], t["single"], K),
+                     f"row_major_P_{K}_over_{K}_single": median_ratio(t["row_major"], t["single"], K)})
+    base = statistics.median(gradient_times)
     record = {
         "model": "MLP 784-2048-2048-10 (ReLU), cross-entropy, float32",
         "batch": args.batch, "threads": args.threads, "device": str(device),
@@ -94,13 +113,12 @@ def main() -> None:
     }
     Path(__file__).with_name(f"products-{device.type}.json").write_text(json.dumps(record, indent=2))
     print(f"one gradient: {base * 1e3:.1f} ms on {device} ({args.threads} threads)")
-    K = args.columns
-    print(f"| kind | product (gradients) | (P, {K}) product (gradients) | (P, {K}) / {K} single products "
-          f"| the same, row-major (P, {K}) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| kind | product (gradients) | product (flat torch.func gradients) | (P, {K}) product (gradients) "
+          f"| (P, {K}) / {K} single products | the same, row-major (P, {K}) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        kind, single, multi, ratio, row_major = row.values()
-        print(f"| {kind} | {single:.2f} | {multi:.1f} | {ratio:.2f} | {row_major:.2f} |")
+        kind, single, single_flat, multi, ratio, row_major = row.values()
+        print(f"| {kind} | {single:.2f} | {single_flat:.2f} | {multi:.1f} | {ratio:.2f} | {row_major:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Every function takes a whole batch (leading dimension N) and acts per example.
 """
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -20,45 +21,53 @@ import torch.nn.functional as F
 from curvlab.errors import InvalidProblem
 
 
-class Likelihood:
+def _require_output_shape(loss: str, output: torch.Tensor, target: torch.Tensor) -> None:
+    if tuple(target.shape) != tuple(output.shape):
+        raise InvalidProblem(
+            f"{loss}: targets {tuple(target.shape)} must have the outputs' shape {tuple(output.shape)}; "
+            f"reshape the targets (e.g. y.view(-1, 1)) so that no broadcasting is needed"
+        )
+
+
+class Likelihood(ABC):
     """Output-space loss, gradient, Hessian, Hessian square root and label sampling of one loss."""
 
     name: str
 
+    @abstractmethod
     def validate(self, output: torch.Tensor, target: torch.Tensor) -> int:
         """Check that ``target`` fits ``output``; return the number of terms torch's mean averages over."""
-        raise NotImplementedError
 
     def prepare_target(self, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``target`` in the dtype the loss needs (floating targets take the parameters' dtype)."""
         return target.to(dtype) if target.is_floating_point() else target
 
+    @abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``Σ_n ℓ(f_n, y_n)``: a scalar."""
-        raise NotImplementedError
 
+    @abstractmethod
     def output_grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``∂ℓ(f_n, y_n)/∂f_n`` for every example: the shape of ``output``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def hessian_product(self, output: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``∇²_f ℓ(f_n) · u_n`` for every example: ``u`` and the result have the shape of ``output``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def hessian_sqrt(self, output: torch.Tensor) -> torch.Tensor:
         """``S`` of shape ``(*output.shape, K)`` with ``∇²_f ℓ = S Sᵀ`` per independent output group.
 
         For cross-entropy a group is one position's ``C`` logits (``K = C``); for MSE and BCE every
         output entry is its own group (``K = 1``).
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def sample(self, output: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
         """Targets drawn from the predictive distribution: shape ``(samples, *target_shape)``.
 
         Random numbers come from the CPU ``generator`` in float64 so that CPU and GPU draw the same labels.
         """
-        raise NotImplementedError
 
 
 class CrossEntropy(Likelihood):
@@ -115,11 +124,7 @@ class MeanSquaredError(Likelihood):
     name = "mse"
 
     def validate(self, output, target):
-        if tuple(target.shape) != tuple(output.shape):
-            raise InvalidProblem(
-                f"mse: targets {tuple(target.shape)} must have the outputs' shape {tuple(output.shape)}; "
-                f"reshape the targets (e.g. y.view(-1, 1)) so that no broadcasting is needed"
-            )
+        _require_output_shape(self.name, output, target)
         if not target.is_floating_point():
             raise InvalidProblem(f"mse targets must be floating point, got {target.dtype}: use y.float()")
         return target.numel()
@@ -145,11 +150,7 @@ class BinaryCrossEntropy(Likelihood):
     name = "bce"
 
     def validate(self, output, target):
-        if tuple(target.shape) != tuple(output.shape):
-            raise InvalidProblem(
-                f"bce: targets {tuple(target.shape)} must have the logits' shape {tuple(output.shape)}; "
-                f"reshape the targets so that no broadcasting is needed"
-            )
+        _require_output_shape(self.name, output, target)
         if target.numel() and (target.min() < 0 or target.max() > 1):
             raise InvalidProblem(
                 f"bce: targets must lie in [0, 1], found [{float(target.min())}, {float(target.max())}]"
