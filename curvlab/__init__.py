@@ -6,11 +6,12 @@ from curvlab.compare import Comparison, compare
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem
 from curvlab.operators import KINDS, curvature
 from curvlab.problem import Problem
+from curvlab.spectra import DiagonalEstimate, TraceEstimate, trace
 
 try:
     __version__ = version("curvlab")
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
-__all__ = ["KINDS", "Comparison", "CurvlabError", "DenseTooLarge", "InvalidProblem", "Problem", "compare",
-           "curvature", "__version__"]
+__all__ = ["KINDS", "Comparison", "CurvlabError", "DenseTooLarge", "DiagonalEstimate", "InvalidProblem", "Problem",
+           "TraceEstimate", "compare", "curvature", "trace", "__version__"]

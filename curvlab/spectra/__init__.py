@@ -1,0 +1,5 @@
+"""Spectral quantities of curvature operators: traces and diagonals."""
+
+from curvlab.spectra.trace import DiagonalEstimate, TraceEstimate, diagonal, trace
+
+__all__ = ["DiagonalEstimate", "TraceEstimate", "diagonal", "trace"]
