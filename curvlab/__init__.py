@@ -6,7 +6,7 @@ from curvlab.compare import Comparison, compare
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem
 from curvlab.operators import KINDS, curvature
 from curvlab.problem import Problem
-from curvlab.spectra import DiagonalEstimate, TraceEstimate, trace
+from curvlab.spectra import DiagonalEstimate, Spectrum, TraceEstimate, spectrum, trace
 
 try:
     __version__ = version("curvlab")
@@ -14,4 +14,4 @@ except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
 __all__ = ["KINDS", "Comparison", "CurvlabError", "DenseTooLarge", "DiagonalEstimate", "InvalidProblem", "Problem",
-           "TraceEstimate", "compare", "curvature", "trace", "__version__"]
+           "Spectrum", "TraceEstimate", "compare", "curvature", "spectrum", "trace", "__version__"]
