@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import eigsh
 
-from curvlab.errors import DenseTooLarge, InvalidProblem
+from curvlab.errors import DenseTooLarge, require_integer
 from curvlab.memory import check_dense
 from curvlab.operators.base import CurvatureOperator
 from curvlab.operators.hessian import Hessian
@@ -22,9 +22,7 @@ class AbsHessian(CurvatureOperator):
 
     def __init__(self, problem, top_k: int = 20, seed: int = 0):
         super().__init__(problem)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise InvalidProblem(f"top_k must be a positive integer, got {top_k!r}")
-        self.top_k = top_k
+        self.top_k = require_integer("top_k", top_k)
         self.seed = seed
         self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None
         self.method: str | None = None

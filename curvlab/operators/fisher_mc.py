@@ -10,7 +10,7 @@ matrix, so a product costs ``min(S, D) · D`` per example and column.
 import numpy as np
 import torch
 
-from curvlab.errors import InvalidProblem
+from curvlab.errors import require_integer
 from curvlab.operators.output_space import OutputSpaceCurvature
 
 
@@ -21,9 +21,7 @@ class FisherMC(OutputSpaceCurvature):
 
     def __init__(self, problem, mc_samples: int = 1, seed: int = 0):
         super().__init__(problem)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise InvalidProblem(f"mc_samples must be a positive integer, got {mc_samples!r}")
-        self.mc_samples = mc_samples
+        self.mc_samples = require_integer("mc_samples", mc_samples)
         self.seed = seed
         self._targets: dict[int, torch.Tensor] = {}
         self._output_curvature: dict[int, tuple[bool, torch.Tensor]] = {}

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from curvlab.errors import DenseTooLarge, InvalidProblem
+from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer
 from curvlab.memory import check_dense
 
 METHODS = ("auto", "dense", "lanczos", "slq")
@@ -250,13 +250,11 @@ def _check_arguments(method: str, k, which: str, tol: float, max_products, P: in
                              "use method='dense' or 'lanczos' for eigenpairs")
     if which not in WHICH:
         raise InvalidProblem(f"unknown which {which!r}; choose one of {', '.join(map(repr, WHICH))}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= P):
-        raise InvalidProblem(f"k must be an integer from 1 to P = {P}, or None for all, got {k!r}")
+    if k is not None:
+        require_integer("k", k, maximum=P, hint=" (P), or None for all")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
         raise InvalidProblem(f"tol must be a positive number, got {tol!r}")
     if max_products is None:
         return 20 * (k or P) + 200
-    if isinstance(max_products, bool) or not isinstance(max_products, numbers.Integral) or max_products < 2 * (k or P):
-        raise InvalidProblem(f"max_products must be an integer of at least 2k = {2 * (k or P)} (k Lanczos "
-                             f"steps and k products to check them), got {max_products!r}")
-    return int(max_products)
+    return require_integer("max_products", max_products, minimum=2 * (k or P),
+                           hint=" (2k: k Lanczos steps and k products to check them)")

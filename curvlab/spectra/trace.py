@@ -19,14 +19,13 @@ never formed.
   accurate than Hutchinson with the same number of products, and exact when ``rank C ≤ k``.
 """
 
-import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from curvlab.errors import InvalidProblem
+from curvlab.errors import InvalidProblem, require_integer
 
 TRACE_METHODS = ("auto", "exact", "hutchinson", "hutchpp")
 DIAGONAL_METHODS = ("auto", "exact", "hutchinson")
@@ -252,6 +251,5 @@ def _bar(blocks: int, desc: str, progress: bool) -> tqdm:
 def _check_arguments(method: str, methods: tuple[str, ...], samples: int, batch: int) -> None:
     if method not in methods:
         raise InvalidProblem(f"unknown method {method!r}; choose one of {', '.join(map(repr, methods))}")
-    for name, value in (("samples", samples), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise InvalidProblem(f"{name} must be a positive integer, got {value!r}")
+    require_integer("samples", samples)
+    require_integer("batch", batch)
