@@ -13,8 +13,10 @@ demo: venv
 test: venv
 	$(PYTHON) -m pytest -q tests curvlab
 
+BENCHMARKS := products spectra kfac diagonal gram
+
 bench: venv
-	$(PYTHON) benchmarks/products.py
+	for name in $(BENCHMARKS); do $(PYTHON) benchmarks/$$name.py || exit 1; done
 
 venv: $(STAMP)
 

@@ -2,16 +2,21 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from curvlab.approx import APPROXIMATIONS, Approximation, approximate
 from curvlab.compare import Comparison, compare
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem
+from curvlab.metrics import approximation_error
 from curvlab.operators import KINDS, curvature
 from curvlab.problem import Problem
-from curvlab.spectra import DiagonalEstimate, Spectrum, TraceEstimate, spectrum, trace
+from curvlab.spectra import (DiagonalEstimate, SpectralSummary, Spectrum, TraceEstimate, block_spectra,
+                             eigenspace_overlap, spectral_summary, spectrum, trace)
 
 try:
     __version__ = version("curvlab")
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
-__all__ = ["KINDS", "Comparison", "CurvlabError", "DenseTooLarge", "DiagonalEstimate", "InvalidProblem", "Problem",
-           "Spectrum", "TraceEstimate", "compare", "curvature", "spectrum", "trace", "__version__"]
+__all__ = ["APPROXIMATIONS", "KINDS", "Approximation", "Comparison", "CurvlabError", "DenseTooLarge",
+           "DiagonalEstimate", "InvalidProblem", "Problem", "SpectralSummary", "Spectrum", "TraceEstimate",
+           "approximate", "approximation_error", "block_spectra", "compare", "curvature", "eigenspace_overlap",
+           "spectral_summary", "spectrum", "trace", "__version__"]

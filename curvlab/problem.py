@@ -295,6 +295,19 @@ class Problem:
                 piece.copy_(column[name].flatten())
         return rows
 
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """``name -> (start, stop)``: where each studied parameter's entries lie in a flat ``(P,)`` vector."""
+        spans, offset = {}, 0
+        for name, shape in zip(self.param_names, self.param_shapes):
+            spans[name] = (offset, offset + shape.numel())
+            offset += shape.numel()
+        return spans
+
+    def entries(self, names: Iterable[str]) -> torch.Tensor:
+        """The flat-vector indices of the parameters ``names``, concatenated in the order given."""
+        spans = self.spans()
+        return torch.cat([torch.arange(*spans[name], device=self.device) for name in names])
+
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split ``(*lead, P)`` into per-parameter tensors of shape ``(*lead, *shape)``."""
         lead = flat.shape[:-1]

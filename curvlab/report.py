@@ -19,6 +19,7 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import pandas as pd
+import seaborn
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator
 
@@ -135,6 +136,78 @@ def spectrum_figure(eigenvalues: Mapping[str, np.ndarray]) -> bytes:
     for axes in (by_rank, cumulative):
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def density_figure(densities: Mapping[str, Mapping], eigenvalues: Mapping[str, np.ndarray]) -> bytes:
+    """A PNG: per kind, the SLQ density of λ (top row) and of log₁₀(|λ| + ε) (bottom row) on a log-y axis.
+
+    Where the dense eigenvalues exist their histogram, normalised as a density, is drawn underneath,
+    so that the estimate can be judged against the truth.
+    """
+    kinds = list(densities)
+    figure = Figure(figsize=(3.4 * len(kinds) + 0.6, 6.4), dpi=100, layout="constrained")
+    axes = figure.subplots(2, len(kinds), squeeze=False)
+    for column, kind in enumerate(kinds):
+        density = densities[kind]
+        exact = eigenvalues.get(kind)
+        for row, (grid, values, width, transform, xlabel) in enumerate((
+                (density["grid"], density["values"], density["width"], None, "eigenvalue λ"),
+                (density["log_grid"], density["log_values"], density["log_width"],
+                 lambda x: np.log10(np.abs(x) + density["log_eps"]), f"log₁₀(|λ| + {density['log_eps']:.1g})"))):
+            ax = axes[row, column]
+            if exact is not None:
+                points = exact if transform is None else transform(exact)
+                ax.hist(points, bins=60, density=True, color="#c9d6e3", label="dense eigenvalues")
+            floor = max(float(np.max(values)) * 1e-7, np.finfo(np.float64).tiny)
+            ax.plot(grid, np.maximum(values, floor), color="#1f5a99", linewidth=1.3, label=f"SLQ (σ = {width:.2g})")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=floor * 10)
+            ax.set(xlabel=xlabel, ylabel="density" if column == 0 else None, title=kind if row == 0 else None)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="x-small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def error_heatmap(modules: pd.DataFrame) -> bytes:
+    """A PNG heat map of each approximation's scaled Frobenius error per module (rows) and approximation (columns)."""
+    table = modules.pivot(index="module", columns="approximation", values="rel_fro_scaled")
+    table = table[list(dict.fromkeys(modules["approximation"]))].loc[list(dict.fromkeys(modules["module"]))]
+    figure = Figure(figsize=(1.0 * table.shape[1] + 2.5, 0.5 * table.shape[0] + 1.8), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    seaborn.heatmap(table, ax=axes, annot=True, fmt=".2f", cmap="viridis_r", vmin=0, vmax=1,
+                    cbar_kws={"label": "min_α ‖αA − C‖_F / ‖C‖_F"})
+    axes.set(xlabel="approximation", ylabel="module", title="Scaled error of each module's diagonal block")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def kept_eigenvalues_figure(spectra: Mapping[str, Mapping]) -> bytes:
+    """A PNG: per approximation, its eigenvalues by rank against those of the exact matrix it stands for."""
+    names = list(spectra)
+    columns = min(5, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure = Figure(figsize=(3.2 * columns, 2.8 * rows), dpi=100, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for ax, name in zip(axes, names):
+        entry = spectra[name]
+        for values, label, style in ((entry["exact"], f"exact {entry['curvature']}", dict(color="#888888")),
+                                     (entry["eigenvalues"], name, dict(color="#1f5a99"))):
+            ordered = np.sort(np.abs(values))[::-1]
+            ax.plot(np.arange(1, ordered.size + 1), np.maximum(ordered, np.finfo(np.float64).tiny), label=label,
+                    linewidth=1.3, **style)
+        ax.set(xscale="log", yscale="log", xlabel="rank i", ylabel="|λᵢ|", title=name)
+        top = max(float(np.abs(entry["exact"]).max()), float(np.abs(entry["eigenvalues"]).max()))
+        ax.set_ylim(top * 1e-10, top * 3)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -27,7 +27,7 @@ def case():
 @pytest.fixture(scope="module")
 def result(case):
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
-    return compare(prob, kinds=ALL_KINDS, seed=3, progress=False)
+    return compare(prob, kinds=ALL_KINDS, seed=3, probes=4, steps=30, progress=False)
 
 
 def test_default_problem_is_deterministic_and_leaves_global_rng_alone():
@@ -58,14 +58,16 @@ def test_spectra_match_eigvalsh_of_autograd_references(case, result):
         scale = np.abs(expected).max()
         row = spectra.loc[kind]
 
-        assert row["status"] == "ok"
+        assert row["status"] == "dense"
         np.testing.assert_allclose(result.eigenvalues[kind], expected, rtol=0, atol=1e-10 * scale)
         assert row["trace"] == pytest.approx(dense.trace().item(), rel=1e-10)
         assert row["lambda_max"] == pytest.approx(expected[-1], rel=1e-10)
         assert row["lambda_min"] == pytest.approx(expected[0], rel=0, abs=1e-10 * scale)
         assert row["negative"] == (expected < -row["tolerance"]).sum()
         assert row["zero"] == (np.abs(expected) <= row["tolerance"]).sum()
-        assert row["seconds_dense"] >= 0 and row["seconds_eigvalsh"] >= 0
+        assert row["seconds"] >= 0 and row["products"] == prob.num_params
+        top = result.tables["top_eigenvalues"].query("kind == @kind")
+        np.testing.assert_allclose(top["eigenvalue"], expected[::-1][:len(top)], rtol=0, atol=1e-10 * scale)
     assert spectra.loc["hessian", "negative"] > 0
     assert (spectra.loc[["abs_hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher"], "negative"] == 0).all()
 
@@ -93,19 +95,50 @@ def test_results_json_round_trips(result, tmp_path):
     assert (loaded.findings, loaded.notes, loaded.provenance) == (result.findings, result.notes, result.provenance)
 
 
-def test_kind_over_the_memory_budget_gets_a_row_without_numbers(case, monkeypatch, tmp_path):
+def test_layer_table_holds_the_spectra_of_the_dense_diagonal_blocks(case, result):
+    dense = reference.dense("hessian", case.model, case.batches, case.loss, "mean")
+    layers = result.tables["layers"].query("kind == 'hessian'").set_index("layer")
+    for layer, index in (("0", slice(0, 48)), ("2", slice(48, 84))):
+        values = torch.linalg.eigvalsh(dense[index, index]).numpy()
+        assert layers.loc[layer, "lambda_max"] == pytest.approx(values[-1], rel=1e-10)
+        assert layers.loc[layer, "lambda_min"] == pytest.approx(values[0], rel=1e-10)
+        assert layers.loc[layer, "trace"] == pytest.approx(float(dense[index, index].trace()), rel=1e-10)
+    abs_layers = result.tables["layers"].query("kind == 'abs_hessian'").set_index("layer")
+    absolute = reference.abs_matrix(dense)[:48, :48]
+    assert abs_layers.loc["0", "trace"] == pytest.approx(float(absolute.trace()), rel=1e-10)
+    assert abs_layers.loc["0", "lambda_max"] == pytest.approx(torch.linalg.eigvalsh(absolute)[-1].item(), rel=1e-10)
+
+
+def test_every_kind_has_an_slq_density_measured_against_the_dense_eigenvalues(result):
+    spectra = result.tables["spectra"].set_index("kind")
+    for kind in ALL_KINDS:
+        density = result.densities[kind]
+        assert density["nodes"].shape == density["weights"].shape == (4, 30)
+        assert 0 <= spectra.loc[kind, "slq_error"] < 0.1
+
+
+def test_kind_over_the_memory_budget_is_estimated_matrix_free(case, monkeypatch, tmp_path):
+    dense = reference.dense("hessian", case.model, case.batches, case.loss, "mean")
+    values = torch.linalg.eigvalsh(dense).numpy()
     monkeypatch.setenv("CURVLAB_DENSE_BUDGET", "1")
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
-    result = compare(prob, kinds=["hessian", "ggn"], progress=False)
-    spectra = result.tables["spectra"]
+    result = compare(prob, kinds=["hessian"], k=4, probes=4, steps=30, approximations=(), progress=False)
+    row = result.tables["spectra"].iloc[0]
 
-    assert spectra["status"].tolist() == ["dense matrix too large"] * 2
-    assert spectra.drop(columns=["kind", "status"]).isna().all().all()
-    assert result.eigenvalues == {}
+    assert row["status"] == "matrix-free" and result.eigenvalues == {}
+    assert row["lambda_max"] == pytest.approx(values[-1], rel=1e-6)
+    assert row["lambda_min"] == pytest.approx(values[0], rel=1e-6)
+    assert abs(row["trace"] - values.sum()) <= 3 * row["trace_std_error"] + 1e-10
+    top = result.tables["top_eigenvalues"]
+    assert top["converged"].all() and len(top) == 4
+    assert pd.isna(row["zero"]) and pd.isna(row["asymmetry"])
+    layers = result.tables["layers"].set_index("layer")
+    assert layers.loc["2", "lambda_max"] == pytest.approx(torch.linalg.eigvalsh(dense[48:, 48:])[-1].item(), rel=1e-3)
     assert any("CURVLAB_DENSE_BUDGET" in note for note in result.notes)
     html = result.to_html(tmp_path / "report").read_text()
-    assert "dense matrix too large" in html
-    pd.testing.assert_frame_equal(Comparison.load(tmp_path / "report" / "results.json").tables["spectra"], spectra)
+    assert "matrix-free" in html
+    pd.testing.assert_frame_equal(Comparison.load(tmp_path / "report" / "results.json").tables["spectra"],
+                                  result.tables["spectra"])
 
 
 def test_unknown_kind_is_refused_before_any_work(case):
@@ -156,3 +189,38 @@ def test_interrupted_write_leaves_no_partial_report(result, tmp_path, monkeypatc
     assert [path.name for path in tmp_path.iterdir()] == (["report"] if existing else [])
     if existing:
         assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+
+
+def test_approximations_are_measured_against_the_curvature_each_stands_for(case, tmp_path):
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    result = compare(prob, kinds=["ggn"], probes=2, steps=10, approximations=["kfac", "diag", "gram"],
+                     progress=False)
+    table = result.tables["approximations"].set_index("approximation")
+    dense = reference.dense("ggn", case.model, case.batches, case.loss, "mean")
+    kfac = curvlab.approximate(prob, "kfac").to_dense(progress=False)
+    alpha = float((kfac * dense).sum() / kfac.square().sum())
+    assert table.loc["kfac", "curvature"] == "ggn" and table.loc["kfac", "mode"] == "dense"
+    assert table.loc["kfac", "rel_fro"] == pytest.approx(float(torch.linalg.matrix_norm(kfac - dense)
+                                                               / torch.linalg.matrix_norm(dense)), rel=1e-9)
+    assert table.loc["kfac", "scale"] == pytest.approx(alpha, rel=1e-9)
+    assert table.loc["gram", "curvature"] == "empirical_fisher" and table.loc["gram", "rel_fro"] < 1e-10
+    modules = result.tables["approximation_modules"].query("approximation == 'diag'").set_index("module")
+    block = dense[:48, :48]
+    diagonal = torch.diag(block.diagonal())
+    scale = float((diagonal * block).sum() / diagonal.square().sum())
+    assert modules.loc["0", "rel_fro_scaled"] == pytest.approx(
+        float(torch.linalg.matrix_norm(scale * diagonal - block) / torch.linalg.matrix_norm(block)), rel=1e-9)
+    assert set(result.approximation_spectra) == {"kfac", "diag", "gram"}
+    assert list(result.eigenvalues) == ["ggn"]
+    html = result.to_html(tmp_path / "report").read_text()
+    assert "Approximations" in html and "kfac" in html
+    loaded = Comparison.load(tmp_path / "report" / "results.json")
+    pd.testing.assert_frame_equal(loaded.tables["approximations"], result.tables["approximations"])
+    np.testing.assert_array_equal(loaded.approximation_spectra["kfac"]["eigenvalues"],
+                                  result.approximation_spectra["kfac"]["eigenvalues"])
+
+
+def test_unknown_approximation_is_refused_before_any_work(case):
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    with pytest.raises(curvlab.InvalidProblem, match="approximations"):
+        compare(prob, kinds=["ggn"], approximations=["kfac", "bfgs"], progress=False)

@@ -504,3 +504,31 @@ def test_products_with_wrong_shapes_or_missing_parameters_are_refused(device):
         op @ torch.zeros(prob.num_params + 1, dtype=torch.float64)
     with pytest.raises(curvlab.InvalidProblem, match="lacks parameter"):
         op @ {prob.param_names[0]: torch.zeros(prob.param_shapes[0], dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_block_of_an_operator_is_the_dense_sub_block(kind, device):
+    case = models.make_case("cnn", device=device)
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    op = curvlab.curvature(prob, kind)
+    names = ["4.weight", "0.bias"]  # out of order: the block keeps the flat order
+    block = op.block(names)
+    full = op.to_dense()
+    index = torch.cat([torch.arange(*span) for span in _spans(prob, block.problem.param_names)])
+    assert block.shape == (index.numel(), index.numel())
+    assert torch.allclose(block.to_dense(), full[index][:, index], rtol=1e-12, atol=1e-14)
+
+
+def _spans(prob, names):
+    offset, spans = 0, {}
+    for name, shape in zip(prob.param_names, prob.param_shapes):
+        spans[name] = (offset, offset + shape.numel())
+        offset += shape.numel()
+    return [spans[name] for name in names]
+
+
+def test_block_of_unknown_parameters_is_refused(device):
+    case = models.make_case("mlp_ce", device=device)
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    with pytest.raises(curvlab.InvalidProblem, match="block needs"):
+        curvlab.curvature(prob, "ggn").block(["nope"])

@@ -216,7 +216,10 @@ def test_eigenvectors_are_left_out_on_request(device):
 
 @pytest.mark.parametrize("arguments, message", [
     (dict(method="arnoldi"), "unknown method"),
-    (dict(method="slq"), "not implemented yet"),
+    (dict(method="slq", probes=0), "probes must be"),
+    (dict(method="slq", steps=1), "steps must be"),
+    (dict(method="slq", width=-1.0), "width must be"),
+    (dict(method="slq", log_eps=0.0), "log_eps must be"),
     (dict(which="LR"), "unknown which"),
     (dict(k=0), "k must be"),
     (dict(k=85), "k must be"),

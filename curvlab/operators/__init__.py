@@ -2,14 +2,15 @@
 
 from curvlab.errors import InvalidProblem
 from curvlab.operators.abs_hessian import AbsHessian
-from curvlab.operators.base import BlockDiagonal, CurvatureOperator
+from curvlab.operators.base import BlockDiagonal, CurvatureOperator, DenseMatrix
 from curvlab.operators.empirical_fisher import EmpiricalFisher
 from curvlab.operators.fisher_mc import FisherMC
 from curvlab.operators.ggn import GGN, Fisher
+from curvlab.operators.gradient_second_moment import GradientSecondMoment
 from curvlab.operators.hessian import Hessian
 from curvlab.problem import Problem
 
-KINDS = ("hessian", "abs_hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher")
+KINDS = ("hessian", "abs_hessian", "ggn", "fisher", "fisher_mc", "empirical_fisher", "gradient_second_moment")
 
 
 def _operator(problem: Problem, kind: str, mc_samples: int, seed: int, top_k: int) -> CurvatureOperator:
@@ -17,7 +18,8 @@ def _operator(problem: Problem, kind: str, mc_samples: int, seed: int, top_k: in
         return FisherMC(problem, mc_samples=mc_samples, seed=seed)
     if kind == "abs_hessian":
         return AbsHessian(problem, top_k=top_k, seed=seed)
-    return {"hessian": Hessian, "ggn": GGN, "fisher": Fisher, "empirical_fisher": EmpiricalFisher}[kind](problem)
+    return {"hessian": Hessian, "ggn": GGN, "fisher": Fisher, "empirical_fisher": EmpiricalFisher,
+            "gradient_second_moment": GradientSecondMoment}[kind](problem)
 
 
 def curvature(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, block_diagonal: bool = False,
@@ -27,7 +29,9 @@ def curvature(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, b
     Args:
         problem: the model, data, loss and studied parameters.
         kind: ``"hessian"``, ``"abs_hessian"``, ``"ggn"``, ``"fisher"`` (equals the GGN for curvlab's
-            losses), ``"fisher_mc"`` or ``"empirical_fisher"``.
+            losses), ``"fisher_mc"``, ``"empirical_fisher"`` or ``"gradient_second_moment"`` (the average
+            of ``ḡ_b ḡ_bᵀ`` over the data's batches, ``ḡ_b`` the gradient of batch b's loss reduced as
+            torch reduces it on that batch alone: the matrix Adam, Adagrad and Shampoo accumulate).
         mc_samples: labels drawn per example (and position) for ``fisher_mc``.
         seed: fixes the labels of ``fisher_mc`` and the Lanczos start of ``abs_hessian``.
         block_diagonal: keep only the diagonal blocks, one per module that owns studied parameters
@@ -54,5 +58,5 @@ def curvature(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0, b
     return BlockDiagonal(problem, blocks)
 
 
-__all__ = ["KINDS", "AbsHessian", "BlockDiagonal", "CurvatureOperator", "EmpiricalFisher", "Fisher", "FisherMC",
-           "GGN", "Hessian", "curvature"]
+__all__ = ["KINDS", "AbsHessian", "BlockDiagonal", "CurvatureOperator", "DenseMatrix", "EmpiricalFisher", "Fisher", "FisherMC",
+           "GGN", "GradientSecondMoment", "Hessian", "curvature"]

@@ -59,5 +59,5 @@ class AbsHessian(CurvatureOperator):
         return (vectors * values.abs()) @ vectors.T
 
     def _matmat(self, rows):
-        values, vectors = self.eigen()
+        values, vectors = self.eigen(progress=False)
         return (rows @ vectors * values.abs()) @ vectors.T

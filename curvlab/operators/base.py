@@ -93,6 +93,10 @@ class CurvatureOperator(ABC):
             dense[start:stop] = self._apply(eye)
         return dense
 
+    def block(self, names: list[str]) -> "CurvatureOperator":
+        """The diagonal block ``C_bb`` over the parameters ``names``: ``(P_b, P_b)``, from products of ``C``."""
+        return Restriction(self, names)
+
     def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning float64 numpy arrays."""
 
@@ -111,13 +115,8 @@ class BlockDiagonal(CurvatureOperator):
         super().__init__(problem)
         self.blocks = blocks
         self.kind = blocks[0][1].kind
-        position = {}
-        offset = 0
-        for name, shape in zip(problem.param_names, problem.param_shapes):
-            position[name] = (offset, offset + shape.numel())
-            offset += shape.numel()
         self._index = [
-            torch.cat([torch.arange(*position[name]) for name in block.problem.param_names])
+            problem.entries(block.problem.param_names)
             for _, block in blocks
         ]
 
@@ -127,6 +126,59 @@ class BlockDiagonal(CurvatureOperator):
             index = index.to(rows.device)
             result[:, index] = block._matmat(rows[:, index].contiguous())
         return result
+
+
+class Restriction(CurvatureOperator):
+    """``C_bb = Eᵀ C E`` for the parameters ``names``, ``E`` ``(P, P_b)`` the columns of the identity at their entries.
+
+    A product pads the ``(K, P_b)`` directions with zeros to ``(K, P)``, applies ``C`` and keeps the
+    block's entries, so it costs one product of ``C``.
+    """
+
+    def __init__(self, operator: CurvatureOperator, names: list[str]):
+        unknown = [name for name in names if name not in operator.problem.param_names]
+        if unknown or not names:
+            raise InvalidProblem(
+                f"a block needs some of the studied parameters {', '.join(operator.problem.param_names)}; "
+                f"got {', '.join(map(repr, names)) or 'none'}"
+            )
+        super().__init__(operator.problem.restrict(names))
+        self.operator = operator
+        self.kind = operator.kind
+        self._index = operator.problem.entries(self.problem.param_names)
+
+    def _matmat(self, rows):
+        padded = torch.zeros(rows.shape[0], self.operator.shape[0], dtype=rows.dtype, device=rows.device)
+        padded[:, self._index] = rows
+        return self.operator._matmat(padded)[:, self._index].contiguous()
+
+
+class DenseMatrix(CurvatureOperator):
+    """An explicit symmetric ``(P, P)`` matrix over the studied parameters, e.g. a curvature already materialised.
+
+    Products are matrix products, ``to_dense`` returns the matrix itself and ``eigh`` its cached
+    eigendecomposition, so analyses that need the dense matrix of an operator more than once share one.
+    """
+
+    def __init__(self, problem: Problem, kind: str, matrix: torch.Tensor):
+        if tuple(matrix.shape) != (problem.num_params, problem.num_params):
+            raise InvalidProblem(f"a dense {kind} matrix must be {(problem.num_params,) * 2}, got {tuple(matrix.shape)}")
+        super().__init__(problem)
+        self.kind = kind
+        self.matrix = matrix.to(device=problem.device, dtype=problem.dtype)
+        self._eigen = None
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors (columns) of ``(M + Mᵀ)/2``, computed once."""
+        if self._eigen is None:
+            self._eigen = torch.linalg.eigh((self.matrix + self.matrix.T) / 2)
+        return self._eigen
+
+    def _matmat(self, rows):
+        return rows @ self.matrix
+
+    def to_dense(self, budget: int | None = None, progress: bool = True) -> torch.Tensor:
+        return self.matrix
 
 
 class SummedOverData(CurvatureOperator):

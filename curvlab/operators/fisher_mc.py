@@ -14,6 +14,12 @@ from curvlab.errors import require_integer
 from curvlab.operators.output_space import OutputSpaceCurvature
 
 
+def label_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator batch ``index``'s labels are drawn from, derived from ``(seed, index)`` alone."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
 class FisherMC(OutputSpaceCurvature):
     """``F_mc``, shape ``(P, P)``; ``E[F_mc] = G``, and its rank is at most ``N · S``."""
 
@@ -29,9 +35,7 @@ class FisherMC(OutputSpaceCurvature):
     def _draw(self, index: int, X) -> None:
         """Sample batch ``index``'s labels and keep its output-space ``M_n`` in the cheaper form."""
         output = self.problem.forward(self.problem.params, X)
-        state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state >> np.uint64(1)))
-        targets = self.problem.likelihood.sample(output, self.mc_samples, generator)
+        targets = self.problem.likelihood.sample(output, self.mc_samples, label_generator(self.seed, index))
         residuals = self.problem.likelihood.output_grad(output, targets).flatten(2) / self.mc_samples ** 0.5
         dense = self.mc_samples >= residuals.shape[-1]
         self._targets[index] = targets

@@ -1,4 +1,4 @@
-"""Eigenpairs of a curvature operator: all of them from the dense matrix, or a few from Lanczos.
+"""Eigenpairs of a curvature operator (all from the dense matrix, a few from Lanczos) or its density (SLQ).
 
 ``C`` is a symmetric ``(P, P)`` operator. Eigenvalues are returned in ascending order with their
 unit eigenvectors as the columns of a ``(P, k)`` matrix; which ``k`` is set by ``which``:
@@ -18,53 +18,46 @@ projected matrix (a lower bound of ``‖C‖₂``) for ``"lanczos"``.
 
 - **dense**: ``torch.linalg.eigh`` of ``(A + Aᵀ)/2``, ``A = C`` materialised with ``P`` products;
   refused with :class:`curvlab.DenseTooLarge` beyond the memory budget.
-- **lanczos** (thick-restart Lanczos; Wu & Simon 2000, the symmetric case of Stewart's
-  Krylov–Schur): an orthonormal basis ``V`` ``(m+1, P)`` (rows) and a projected matrix ``H``
-  ``(m+1, m)`` with ``C V_mᵀ = V_{m+1}ᵀ H``. Each step applies ``C`` to one basis vector and
-  orthogonalises the result against the whole basis twice (classical Gram–Schmidt), so the basis
-  stays orthonormal to rounding. The Ritz pairs ``(θ_i, V_mᵀ s_i)`` of ``T = H_{:m}`` have residual
-  norms ``|h_{m+1}ᵀ s_i|`` (``β_m |s_{m,i}|`` before the first restart), known without products.
-  Once the ``k`` wanted pairs all have ``ρ ≤ tol``, or the products are spent, the wanted Ritz
-  vectors are applied to ``C`` in one block and their residuals recomputed explicitly: those are
-  the reported residuals, and ``converged`` is ``ρ ≤ tol`` from them. Otherwise the basis is
-  restarted from the ``(m + k)/2`` Ritz vectors that ``which`` prefers and the residual vector,
-  where ``H`` becomes ``diag(θ)`` bordered by the row ``h_{m+1}ᵀ S``, and expanded again.
-  When ``m = P`` the basis spans the whole space and the result is exact to rounding. Lanczos from
-  one start vector sees one direction per eigenspace: of an eigenvalue repeated exactly (the zero
-  eigenvalues of a low-rank GGN) it finds a second copy only after the Krylov space has become
-  invariant and a fresh random direction continues it (as it does when ``m = P``). When exactly
-  repeated eigenvalues are among the wanted ones, use ``"dense"``.
+- **lanczos**: thick-restart Lanczos with full reorthogonalisation, see
+  :mod:`curvlab.operators.lanczos`.
+- **slq**: the spectral density by stochastic Lanczos quadrature, see :mod:`curvlab.spectra.density`.
+  Its eigenvalues are the smallest and the largest Ritz value over all probes, with the residual
+  ``β_m |s_{mj}|`` the Lanczos recurrence gives without further products.
 """
 
-import math
 import numbers
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer
 from curvlab.memory import check_dense
+from curvlab.operators.lanczos import WHICH, lanczos, relative_scale, select
+from curvlab.spectra.density import lanczos_quadrature, smoothed_density
 
 METHODS = ("auto", "dense", "lanczos", "slq")
-WHICH = ("LA", "SA", "LM", "BE")
-FLOOR = 1e-3  # eigenvalues below FLOOR ‖C‖₂ are measured in units of FLOOR ‖C‖₂
-MIN_KRYLOV = 20
-BREAKDOWN = 100  # β ≤ BREAKDOWN ε ‖C‖ counts as an invariant subspace
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Eigenpairs of a ``(P, P)`` operator.
+    """Eigenpairs, or the spectral density, of a ``(P, P)`` operator.
 
     Attributes:
-        eigenvalues: ``(k,)`` ascending.
-        eigenvectors: ``(P, k)`` unit columns, one per eigenvalue; ``None`` when not asked for. Each
-            column's sign is arbitrary.
+        eigenvalues: ``(k,)`` ascending (for ``"slq"`` the extreme Ritz values, ``(2,)``).
+        eigenvectors: ``(P, k)`` unit columns, one per eigenvalue; ``None`` when not asked for (and for
+            ``"slq"``). Each column's sign is arbitrary.
         residuals: ``(k,)`` relative residuals ``‖C v − θ v‖ / max(|θ|, 10⁻³ ‖C‖₂)`` (see the module).
         converged: ``(k,)`` bool, ``residuals ≤ tol`` (all true for ``"dense"``).
         products: the operator-vector products used (``P`` for ``"dense"``).
-        method: ``"dense"`` or ``"lanczos"`` (what ``"auto"`` chose).
+        method: ``"dense"``, ``"lanczos"`` or ``"slq"`` (what ``"auto"`` chose).
+        size: ``P``.
+        which: the ``which`` the eigenvalues were selected by (``None`` when all of them, and for ``"slq"``).
+        density: ``"slq"`` only: ``(grid, values)``, two ``(G,)`` float64 tensors, the smoothed density
+            of the eigenvalues (integrating to 1), Gaussian width ``width``.
+        log_density: ``"slq"`` only: ``(grid, values)`` of ``log₁₀(|λ| + log_eps)``, width ``log_width``.
+        nodes, weights: ``"slq"`` only: the raw Ritz nodes and Gauss weights, ``(probes, steps)``; each
+            probe's weights sum to 1.
+        reorthogonalized: ``"slq"`` only: whether the Lanczos bases were fully reorthogonalised.
     """
 
     eigenvalues: torch.Tensor
@@ -73,24 +66,36 @@ class Spectrum:
     converged: torch.Tensor
     products: int
     method: str
+    size: int
+    which: str | None = None
+    density: tuple[torch.Tensor, torch.Tensor] | None = None
+    width: float | None = None
+    log_density: tuple[torch.Tensor, torch.Tensor] | None = None
+    log_width: float | None = None
+    log_eps: float | None = None
+    nodes: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    reorthogonalized: bool | None = None
 
 
 def spectrum(op, method: str = "auto", k: int | None = 10, which: str = "LA", tol: float = 1e-6,
              probes: int = 10, steps: int = 80, seed: int = 0, *, vectors: bool = True,
-             max_products: int | None = None, dtype: torch.dtype | None = None,
+             max_products: int | None = None, dtype: torch.dtype | None = None, width: float | None = None,
+             log_eps: float | None = None, reorthogonalize: bool | None = None,
              progress: bool = True) -> Spectrum:
-    """``k`` eigenpairs of a ``(P, P)`` curvature operator, chosen by ``which``.
+    """``k`` eigenpairs of a ``(P, P)`` curvature operator, chosen by ``which``, or its spectral density.
 
     Args:
         op: a :class:`curvlab.operators.CurvatureOperator`.
-        method: ``"dense"``, ``"lanczos"`` or ``"auto"``: dense when the ``(P, P)`` matrix fits the
-            memory budget (:mod:`curvlab.memory`), else Lanczos. ``"slq"`` (spectral densities) is
-            not implemented yet.
-        k: how many eigenpairs, ``1 ≤ k ≤ P``; ``None`` for all of them (dense only).
+        method: ``"dense"``, ``"lanczos"``, ``"slq"`` or ``"auto"``: dense when the ``(P, P)`` matrix
+            fits the memory budget (:mod:`curvlab.memory`), else Lanczos for ``k`` eigenpairs and SLQ
+            for the whole spectrum (``k=None``).
+        k: how many eigenpairs, ``1 ≤ k ≤ P``; ``None`` for all of them (dense) or the density (SLQ).
+            Ignored by ``"slq"``.
         which: ``"LA"`` largest, ``"SA"`` smallest, ``"LM"`` largest magnitude, ``"BE"`` both ends
             (``⌈k/2⌉`` largest and ``⌊k/2⌋`` smallest).
         tol: the relative residual at which Lanczos stops (see the module docstring).
-        probes, steps: the random probes and Lanczos steps of ``"slq"``.
+        probes, steps: the Rademacher probes and Lanczos steps (at most ``P``) of ``"slq"``.
         seed: seeds a local CPU generator for Lanczos' start vector: the same seed gives the same
             numbers, and the caller's random state is untouched.
         vectors: return the eigenvectors.
@@ -99,7 +104,11 @@ def spectrum(op, method: str = "auto", k: int | None = 10, which: str = "LA", to
             ``converged`` false.
         dtype: the precision of the eigendecomposition and of the Lanczos basis (default the
             operator's); the operator's products keep its own.
-        progress: show progress bars on stderr (materialisation; Lanczos restarts).
+        width: ``"slq"``: the Gaussian smoothing width σ; default 1/200 of the Ritz nodes' spread.
+        log_eps: ``"slq"``: the ε of ``log₁₀(|λ| + ε)``; default ``10⁻⁶ max|θ|``.
+        reorthogonalize: ``"slq"``: fully reorthogonalise the Lanczos bases; default when they take
+            at most 256 MiB (see :mod:`curvlab.spectra.density`).
+        progress: show progress bars on stderr (materialisation; Lanczos restarts; SLQ steps).
 
     Examples:
         >>> import torch, curvlab
@@ -119,18 +128,23 @@ def spectrum(op, method: str = "auto", k: int | None = 10, which: str = "LA", to
     """
     P = op.shape[0]
     max_products = _check_arguments(method, k, which, tol, max_products, P)
+    _check_slq_arguments(probes, steps, width, log_eps)
     if method == "auto":
         try:
             check_dense(P, P, op.dtype, op.device, f"{op.kind} matrix")
             method = "dense"
         except DenseTooLarge:
-            method = "lanczos"
+            method = "lanczos" if k is not None else "slq"
     if method == "lanczos" and k is None:
         raise InvalidProblem("Lanczos finds a few eigenpairs: give k, or all of them with method='dense'")
     dtype = dtype or op.dtype
     if method == "dense":
         return _dense(op, k, which, vectors, dtype, progress)
-    return _lanczos(op, k, which, tol, seed, vectors, max_products, dtype, progress)
+    if method == "slq":
+        return _slq(op, probes, steps, seed, tol, width, log_eps, reorthogonalize, dtype, progress)
+    pairs = lanczos(op, k, which, tol, seed, max_products, dtype, progress)
+    return Spectrum(pairs.values, pairs.vectors if vectors else None, pairs.residuals, pairs.converged,
+                    pairs.products, "lanczos", P, which)
 
 
 def _dense(op, k: int | None, which: str, vectors: bool, dtype: torch.dtype, progress: bool) -> Spectrum:
@@ -140,117 +154,45 @@ def _dense(op, k: int | None, which: str, vectors: bool, dtype: torch.dtype, pro
     values, vecs = torch.linalg.eigh(A)
     norm = values.abs().max()
     if k is not None:
-        chosen = _select(values, which, k).sort().values  # eigh's order is ascending already
+        chosen = select(values, which, k).sort().values  # eigh's order is ascending already
         values, vecs = values[chosen], vecs[:, chosen]
-    residuals = torch.linalg.vector_norm(A @ vecs - vecs * values, dim=0) / _scale(values, norm)
+    residuals = torch.linalg.vector_norm(A @ vecs - vecs * values, dim=0) / relative_scale(values, norm)
     return Spectrum(values, vecs if vectors else None, residuals,
-                    torch.ones_like(values, dtype=torch.bool), op.shape[0], "dense")
+                    torch.ones_like(values, dtype=torch.bool), op.shape[0], "dense", op.shape[0],
+                    None if k is None else which)
 
 
-def _lanczos(op, k: int, which: str, tol: float, seed: int, vectors: bool, max_products: int,
-             dtype: torch.dtype, progress: bool) -> Spectrum:
-    """Thick-restart Lanczos with full reorthogonalisation; see the module docstring."""
-    P = op.shape[0]
-    m = min(max(2 * k + 1, MIN_KRYLOV), P)  # Krylov dimension per restart
-    keep = min((m + k) // 2, m - 1)  # Ritz vectors kept at a restart
-    budget = max_products - k  # products for the Lanczos steps; k more check the result
-    generator = torch.Generator().manual_seed(seed)
-    eps = torch.finfo(dtype).eps
-    V = torch.zeros(m + 1, P, dtype=dtype, device=op.device)  # rows: the orthonormal basis
-    H = torch.zeros(m + 1, m, dtype=torch.float64)  # C V[:m]ᵀ = V[:m+1]ᵀ H
-    V[0] = _random_direction(generator, V[:0], P, dtype, op.device)
-    start, products, norm = 0, 0, 0.0  # norm: the largest ‖C v‖ seen, an estimate of ‖C‖₂
-    with tqdm(desc="lanczos", unit="restart", disable=not progress, leave=False) as bar:
-        while True:
-            stop = min(m, start + budget - products)
-            for j in range(start, stop):
-                w = op._apply(V[j:j + 1])[0].to(dtype)
-                products += 1
-                norm = max(norm, float(torch.linalg.vector_norm(w)))
-                w, coefficients = _orthogonalise(w, V[:j + 1])
-                H[:j + 1, j] = coefficients.double().cpu()
-                if j + 1 == P:  # the basis spans the whole space: C V_Pᵀ = V_Pᵀ H exactly
-                    break
-                beta = float(torch.linalg.vector_norm(w))
-                if beta <= BREAKDOWN * eps * norm:  # an invariant subspace: continue with a fresh direction
-                    V[j + 1] = _random_direction(generator, V[:j + 1], P, dtype, op.device)
-                else:
-                    H[j + 1, j] = beta
-                    V[j + 1] = w / beta
-            T = H[:stop, :stop]
-            theta, S = torch.linalg.eigh((T + T.T) / 2)
-            estimated = (H[stop, :stop] @ S).abs() / _scale(theta, theta.abs().max())
-            wanted = _select(theta, which, k)
-            bar.update()
-            bar.set_postfix(converged=f"{int((estimated[wanted] <= tol).sum())}/{k}", products=products)
-            if bool((estimated[wanted] <= tol).all()) or products >= budget:
-                break
-            kept = _select(theta, which, keep)
-            V[:keep] = S[:, kept].T.to(V) @ V[:stop]
-            V[keep] = V[stop]
-            border = H[stop, :stop] @ S[:, kept]
-            H.zero_()
-            H[:keep, :keep] = torch.diag(theta[kept])
-            H[keep, :keep] = border
-            start = keep
-    wanted = wanted[theta[wanted].argsort()]  # ascending
-    values = theta[wanted].to(device=op.device, dtype=dtype)
-    X = S[:, wanted].T.to(V) @ V[:stop]  # (k, P) Ritz vectors as rows
-    X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
-    CX = op._apply(X).to(dtype)
-    products += k
-    norm_T = theta.abs().max().to(device=op.device, dtype=dtype)
-    residuals = torch.linalg.vector_norm(CX - values[:, None] * X, dim=1) / _scale(values, norm_T)
-    return Spectrum(values, X.T.contiguous() if vectors else None, residuals, residuals <= tol, products,
-                    "lanczos")
-
-
-def _orthogonalise(w: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w − Vᵀ h`` orthogonal to the rows of ``V`` ``(j, P)``, by classical Gram–Schmidt twice, and ``h``."""
-    coefficients = torch.zeros(V.shape[0], dtype=w.dtype, device=w.device)
-    for _ in range(2):
-        h = V @ w
-        w = w - h @ V
-        coefficients += h
-    return w, coefficients
-
-
-def _random_direction(generator: torch.Generator, V: torch.Tensor, P: int, dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor:
-    """A unit ``(P,)`` direction, Gaussian from ``generator`` on the CPU, orthogonal to the rows of ``V``."""
-    z = torch.randn(P, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    z, _ = _orthogonalise(z, V)
-    return z / torch.linalg.vector_norm(z)
-
-
-def _select(values: torch.Tensor, which: str, count: int) -> torch.Tensor:
-    """Indices of the ``count`` entries of ``values`` ``(n,)`` that ``which`` prefers, most preferred first."""
-    if which == "LA":
-        return values.argsort(descending=True, stable=True)[:count]
-    if which == "SA":
-        return values.argsort(stable=True)[:count]
-    if which == "LM":
-        return values.abs().argsort(descending=True, stable=True)[:count]
-    ascending = values.argsort(stable=True)
-    top, bottom = math.ceil(count / 2), count // 2
-    return torch.cat([ascending.flip(0)[:top], ascending[:bottom]])
-
-
-def _scale(values: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """``max(|θ|, FLOOR ‖C‖₂)``, the denominator of the relative residuals."""
-    return torch.clamp(values.abs(), min=float(FLOOR * norm))
+def _slq(op, probes: int, steps: int, seed: int, tol: float, width, log_eps, reorthogonalize,
+         dtype: torch.dtype, progress: bool) -> Spectrum:
+    """The SLQ density and its log-scale version, with the extreme Ritz values as eigenvalues."""
+    quadrature = lanczos_quadrature(op, probes, steps, seed, reorthogonalize, dtype, progress)
+    nodes, weights = quadrature.nodes, quadrature.weights
+    real = weights > 0
+    scale = nodes[real].abs().max()
+    low = torch.where(real, nodes, torch.inf).argmin()
+    high = torch.where(real, nodes, -torch.inf).argmax()
+    extremes = torch.stack([low, high])
+    values = nodes.flatten()[extremes]
+    residuals = quadrature.residuals.flatten()[extremes] / relative_scale(values, scale)
+    mixture = weights / weights.shape[0]  # the probes' average: sums to 1
+    grid, density, width = smoothed_density(nodes, mixture, width)
+    log_eps = float(1e-6 * scale) if log_eps is None else log_eps
+    log_grid, log_values, log_width = smoothed_density(torch.log10(nodes.abs() + log_eps), mixture)
+    device = op.device
+    return Spectrum(values.to(device=device, dtype=dtype), None, residuals.to(device=device, dtype=dtype),
+                    (residuals <= tol).to(device), quadrature.products, "slq", op.shape[0],
+                    density=(grid, density), width=width, log_density=(log_grid, log_values),
+                    log_width=log_width, log_eps=log_eps, nodes=nodes, weights=weights,
+                    reorthogonalized=quadrature.reorthogonalized)
 
 
 def _check_arguments(method: str, k, which: str, tol: float, max_products, P: int) -> int:
     """Raise :class:`InvalidProblem` on a bad argument; return ``max_products`` with its default."""
     if method not in METHODS:
         raise InvalidProblem(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
-    if method == "slq":
-        raise InvalidProblem("spectral densities (method='slq') are not implemented yet; "
-                             "use method='dense' or 'lanczos' for eigenpairs")
     if which not in WHICH:
         raise InvalidProblem(f"unknown which {which!r}; choose one of {', '.join(map(repr, WHICH))}")
-    if k is not None:
+    if k is not None and method != "slq":
         require_integer("k", k, maximum=P, hint=" (P), or None for all")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
         raise InvalidProblem(f"tol must be a positive number, got {tol!r}")
@@ -258,3 +200,11 @@ def _check_arguments(method: str, k, which: str, tol: float, max_products, P: in
         return 20 * (k or P) + 200
     return require_integer("max_products", max_products, minimum=2 * (k or P),
                            hint=" (2k: k Lanczos steps and k products to check them)")
+
+
+def _check_slq_arguments(probes, steps, width, log_eps) -> None:
+    require_integer("probes", probes)
+    require_integer("steps", steps, minimum=2)
+    for name, value in (("width", width), ("log_eps", log_eps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
+            raise InvalidProblem(f"{name} must be a positive number or None for the default, got {value!r}")

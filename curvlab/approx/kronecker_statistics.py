@@ -1,0 +1,240 @@
+"""Layer inputs and output gradients of ``nn.Linear`` and ``nn.Conv2d`` layers: what Kronecker factors are built from.
+
+A layer ``s = W a (+ b)`` with ``W`` ``(d_out, d_in)`` is applied at ``T`` positions of every example:
+``T = 1`` for a Linear on ``(N, d_in)``; the product of the middle dimensions for a Linear on
+``(N, …, d_in)``; ``T = h_out · w_out`` for a Conv2d, whose inputs are the im2col patches
+(:func:`torch.nn.functional.unfold`, ``d_in = c_in · kh · kw``) and whose kernel is viewed as
+``(c_out, c_in · kh · kw)``. One batch of ``N`` examples gives
+
+- ``a`` ``(N, T, d_in)``: the layer's inputs;
+- ``e`` ``(K, N, T, d_out)``: ``e_k = ∂(u_k · f)/∂s``, the output gradients for ``K`` output-space
+  cotangents ``u_k`` of the outputs' shape (the columns of the output Hessian's square root, or
+  loss gradients at sampled or true labels).
+
+Both come from one forward pass and one vector-Jacobian product per cotangent, with
+:mod:`torch.func`: a forward hook records each tapped layer's input as an auxiliary output and adds
+a zero perturbation ``δ`` to its output, so that ``∂(u · f)/∂δ = ∂(u · f)/∂s``. The products are
+taken with respect to the perturbations only, so no weight gradient is ever computed. The shapes
+of the perturbations come from a pass on the ``meta`` device, which does no arithmetic.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import vjp, vmap
+
+from curvlab.errors import InvalidProblem
+from curvlab.problem import Problem, differentiable_kernels
+
+# Cotangents pulled back together: bounds the memory of the output gradients to this many copies.
+COTANGENT_CHUNK = 16
+
+
+def is_kronecker_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear, or a Conv2d whose patches ``unfold`` extracts (one group, zero padding)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+
+
+def shared_parameters(model: nn.Module) -> set[str]:
+    """Names (as ``named_parameters`` lists them) of the parameters that more than one module holds (weight tying)."""
+    holders: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(parameter), []).append(name)
+    return {names[0] for names in holders.values() if len(names) > 1}
+
+
+def _to_meta(value):
+    if isinstance(value, Mapping):
+        return {key: _to_meta(item) for key, item in value.items()}
+    return torch.empty_like(value, device="meta")
+
+
+class _Taps:
+    """Forward hooks on the tapped layers; record inputs, output shapes and calls, and add perturbations."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.layers = layers
+        self.perturbations: Mapping[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.calls: dict[str, int] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self, perturbations: Mapping[str, torch.Tensor]) -> None:
+        self.perturbations = perturbations
+        self.inputs, self.shapes, self.calls = {}, {}, {}
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if not args or not isinstance(output, torch.Tensor):
+                return output
+            self.inputs[name] = args[0]
+            self.shapes[name] = (args[0].shape, output.shape)
+            return output + self.perturbations[name] if name in self.perturbations else output
+        return hook
+
+
+def _layer_shapes(problem: Problem, taps: _Taps, X) -> tuple[dict, dict]:
+    """Input/output shapes and call counts of the tapped layers on batch ``X``, without arithmetic.
+
+    The forward pass runs on the ``meta`` device; a model it cannot run there (an operator without a
+    meta kernel, or control flow on values) is run for real once, without gradients.
+    """
+    values = {name: _to_meta(tensor) for name, tensor in problem.model.named_parameters()}
+    values.update({name: _to_meta(tensor) for name, tensor in problem.model.named_buffers()})
+    taps.reset({})
+    try:
+        problem.forward(values, _to_meta(X))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        taps.reset({})
+        with torch.no_grad():
+            problem.forward(problem.params, X)
+    return dict(taps.shapes), dict(taps.calls)
+
+
+def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The im2col patches of a Conv2d's input ``(N, c_in, h, w)``: ``(N, h_out · w_out, c_in · kh · kw)``."""
+    padding = module.padding
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        pads = []
+        for size, dilation in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = dilation * (size - 1)
+            pads += [total // 2, total - total // 2]
+        x, padding = F.pad(x, pads), (0, 0)
+    columns = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return columns.transpose(1, 2)
+
+
+def layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A tapped layer's input in the common form ``(N, T, d_in)``."""
+    if isinstance(module, nn.Conv2d):
+        return _patches(module, x)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def layer_output_gradient(module: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """Output gradients ``(K, N, *output_shape)`` in the common form ``(K, N, T, d_out)``."""
+    if isinstance(module, nn.Conv2d):
+        return e.flatten(3).transpose(2, 3)
+    return e.reshape(e.shape[0], e.shape[1], -1, e.shape[-1])
+
+
+Cotangents = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]]
+
+
+def _shape_key(X) -> tuple:
+    if isinstance(X, Mapping):
+        return tuple((key, tuple(value.shape)) for key, value in sorted(X.items()))
+    return tuple(X.shape)
+
+
+class KroneckerLayers:
+    """The modules of a problem whose studied parameters get Kronecker-factored blocks, and their statistics.
+
+    A module qualifies when it passes :func:`is_kronecker_layer`, holds no parameter that another
+    module also holds (weight tying), and is called exactly once per forward pass (checked on the
+    first batch), with the batch dimension leading its input and output (4-d for a Conv2d).
+
+    Attributes:
+        modules: module name -> module, in ``problem.module_blocks()`` order.
+    """
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        named = dict(problem.model.named_modules())
+        shared = shared_parameters(problem.model)
+        candidates = {name: named[name] for name, names in problem.module_blocks()
+                      if is_kronecker_layer(named[name]) and not shared.intersection(names)}
+        self.modules: dict[str, nn.Module] = {}
+        self._output_shapes: dict[tuple, dict[str, torch.Size]] = {}
+        if not candidates:
+            return
+        _, X, _ = next(iter(problem.batches()))
+        size = (next(iter(X.values())) if isinstance(X, Mapping) else X).shape[0]
+        with _Taps(candidates) as taps, differentiable_kernels():
+            shapes, calls = _layer_shapes(problem, taps, X)
+        for name, module in candidates.items():
+            if calls.get(name) != 1 or name not in shapes:
+                continue
+            input_shape, output_shape = shapes[name]
+            if input_shape[0] == size and output_shape[0] == size and len(output_shape) >= 2 and (
+                    not isinstance(module, nn.Conv2d) or len(output_shape) == 4):
+                self.modules[name] = module
+        self._output_shapes[_shape_key(X)] = {name: shapes[name][1] for name in self.modules}
+
+    def statistics(self, input_layers: set[str], cotangents: Cotangents | None
+                   ) -> Iterator[tuple[dict, Iterator[tuple[dict, float]]]]:
+        """Per batch, the inputs of ``input_layers`` and the output gradients of all :attr:`modules`.
+
+        Args:
+            input_layers: the names in :attr:`modules` whose inputs are needed.
+            cotangents: ``(batch index, outputs f, targets y) -> (U, weight)`` with ``U`` ``(K, *f.shape)``,
+                or ``None`` for inputs only (one forward pass without gradients).
+
+        Yields:
+            ``(inputs, gradients)`` per batch: ``inputs`` maps names to ``a`` ``(N, T, d_in)``;
+            ``gradients`` yields ``(e, weight)`` for chunks of at most :data:`COTANGENT_CHUNK` cotangents,
+            ``e`` mapping names to ``(k, N, T, d_out)``. Consume ``gradients`` before the next batch.
+        """
+        problem, layers = self.problem, self.modules
+        if not layers:
+            return
+        with _Taps(layers) as taps, differentiable_kernels():
+            for index, X, y in problem.batches():
+                if cotangents is None:
+                    taps.reset({})
+                    with torch.no_grad():
+                        problem.forward(problem.params, X)
+                    yield _inputs(taps, layers, input_layers, index), iter(())
+                    continue
+                key = _shape_key(X)
+                if key not in self._output_shapes:
+                    shapes, _ = _layer_shapes(problem, taps, X)
+                    self._output_shapes[key] = {name: shapes[name][1] for name in layers if name in shapes}
+                zeros = {name: torch.zeros(shape, dtype=problem.dtype, device=problem.device)
+                         for name, shape in self._output_shapes[key].items()}
+
+                def forward(perturbations):
+                    taps.reset(perturbations)
+                    output = problem.forward(problem.params, X)
+                    return output, _inputs(taps, layers, input_layers, index)
+
+                output, pullback, inputs = vjp(forward, zeros, has_aux=True)
+                yield inputs, _output_gradients(layers, pullback, *cotangents(index, output.detach(), y))
+
+
+def _inputs(taps: _Taps, layers, input_layers, index: int) -> dict[str, torch.Tensor]:
+    """The recorded inputs, after checking that every tapped layer ran exactly once."""
+    irregular = [name for name in layers if taps.calls.get(name) != 1 or name not in taps.inputs]
+    if irregular:
+        raise InvalidProblem(
+            f"batch {index}: layer(s) {', '.join(irregular)} did not run exactly once as on the first batch; "
+            f"give batches on which the model runs the same layers"
+        )
+    return {name: layer_input(layers[name], taps.inputs[name].detach()) for name in input_layers}
+
+
+def _output_gradients(layers, pullback, U: torch.Tensor, weight: float) -> Iterator[tuple[dict, float]]:
+    for chunk in U.split(COTANGENT_CHUNK):
+        if chunk.shape[0] == 1:
+            e = {name: g.unsqueeze(0) for name, g in pullback(chunk[0])[0].items()}
+        else:
+            e = vmap(pullback)(chunk)[0]
+        yield {name: layer_output_gradient(layers[name], g) for name, g in e.items()}, weight
