@@ -6,21 +6,23 @@
 ``‖T‖₂ = max |θ|`` over the projected matrix (a lower bound of ``‖C‖₂``); by Weyl some eigenvalue of
 ``C`` lies within ``‖C v − θ v‖`` of ``θ``.
 
-Thick-restart Lanczos (Wu & Simon 2000, the symmetric case of Stewart's Krylov–Schur): an orthonormal basis ``V`` ``(m+1, P)`` (rows) and a projected matrix ``H``
-``(m+1, m)`` with ``C V_mᵀ = V_{m+1}ᵀ H``. Each step applies ``C`` to one basis vector and
-orthogonalises the result against the whole basis twice (classical Gram–Schmidt), so the basis
-stays orthonormal to rounding. The Ritz pairs ``(θ_i, V_mᵀ s_i)`` of ``T = H_{:m}`` have residual
-norms ``|h_{m+1}ᵀ s_i|`` (``β_m |s_{m,i}|`` before the first restart), known without products.
-Once the ``k`` wanted pairs all have ``ρ ≤ tol``, or the products are spent, the wanted Ritz
-vectors are applied to ``C`` in one block and their residuals recomputed explicitly: those are
-the reported residuals, and ``converged`` is ``ρ ≤ tol`` from them. Otherwise the basis is
-restarted from the ``(m + k)/2`` Ritz vectors that ``which`` prefers and the residual vector,
-where ``H`` becomes ``diag(θ)`` bordered by the row ``h_{m+1}ᵀ S``, and expanded again.
-When ``m = P`` the basis spans the whole space and the result is exact to rounding. Lanczos from
-one start vector sees one direction per eigenspace: of an eigenvalue repeated exactly (the zero
-eigenvalues of a low-rank GGN) it finds a second copy only after the Krylov space has become
-invariant and a fresh random direction continues it (as it does when ``m = P``). When exactly
-repeated eigenvalues are among the wanted ones, use a dense eigendecomposition.
+Thick-restart Lanczos (Wu & Simon 2000, the symmetric case of Stewart's Krylov–Schur): an
+orthonormal basis ``V`` ``(m+1, P)`` (rows) and a projected matrix ``H`` ``(m+1, m)`` with ``C V_mᵀ
+= V_{m+1}ᵀ H``. Each step applies ``C`` to one basis vector, removes the three-term recurrence's
+components (``α_j v_j + β_{j−1} v_{j−1}``) and then orthogonalises the result against the whole
+basis by classical Gram–Schmidt, repeated when it cancels much (see :func:`_orthogonalise`), so the
+basis stays orthonormal to rounding. The Ritz pairs ``(θ_i, V_mᵀ s_i)`` of ``T = H_{:m}`` have
+residual norms ``|h_{m+1}ᵀ s_i|`` (``β_m |s_{m,i}|`` before the first restart), known without
+products. Once the ``k`` wanted pairs all have ``ρ ≤ tol``, or the products are spent, the wanted
+Ritz vectors are applied to ``C`` in one block and their residuals recomputed explicitly: those are
+the reported residuals, and ``converged`` is ``ρ ≤ tol`` from them. Otherwise the basis is restarted
+from the ``(m + k)/2`` Ritz vectors that ``which`` prefers and the residual vector, where ``H``
+becomes ``diag(θ)`` bordered by the row ``h_{m+1}ᵀ S``, and expanded again. When ``m = P`` the basis
+spans the whole space and the result is exact to rounding. Lanczos from one start vector sees one
+direction per eigenspace: of an eigenvalue repeated exactly (the zero eigenvalues of a low-rank GGN)
+it finds a second copy only after the Krylov space has become invariant and a fresh random direction
+continues it (as it does when ``m = P``). When exactly repeated eigenvalues are among the wanted
+ones, use a dense eigendecomposition.
 """
 
 import math
@@ -60,7 +62,8 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
 
     ``op`` is a :class:`curvlab.operators.CurvatureOperator`; ``seed`` seeds a local CPU generator for
     the start vector (the caller's random state is untouched); ``dtype`` is the precision of the basis.
-    ``max_products`` must be at least ``2k`` (``k`` more check the result).
+    ``max_products`` must be at least ``2k`` (``k`` more check the result). Memory: the ``(m + 1, P)``
+    basis, ``m = max(2k + 1, 20)``, and a second one once it restarts.
     """
     P = op.shape[0]
     m = min(max(2 * k + 1, MIN_KRYLOV), P)  # Krylov dimension per restart
@@ -72,14 +75,21 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
     H = torch.zeros(m + 1, m, dtype=torch.float64)  # C V[:m]ᵀ = V[:m+1]ᵀ H
     V[0] = _random_direction(generator, V[:0], P, dtype, op.device)
     start, products, norm = 0, 0, 0.0  # norm: the largest ‖C v‖ seen, an estimate of ‖C‖₂
+    spare = None  # a second basis buffer for restarts
     with tqdm(desc="lanczos", unit="restart", disable=not progress, leave=False) as bar:
         while True:
             for j in range(start, min(m, start + budget - products)):
                 w = op._apply(V[j:j + 1])[0].to(dtype)
                 products += 1
                 norm = max(norm, float(torch.linalg.vector_norm(w)))
+                local = torch.zeros(j + 1, dtype=torch.float64)
+                local[j] = float(torch.dot(V[j], w))
+                w.sub_(V[j], alpha=local[j].item())
+                if j > start:  # the three-term recurrence: w ⟂ V[j − 1] up to β_{j−1}
+                    local[j - 1] = H[j, j - 1]
+                    w.sub_(V[j - 1], alpha=local[j - 1].item())
                 w, coefficients = _orthogonalise(w, V[:j + 1])
-                H[:j + 1, j] = coefficients.double().cpu()
+                H[:j + 1, j] = local + coefficients.double().cpu()
                 broke = False
                 if j + 1 < P:  # at j + 1 = P the basis spans the whole space: C V_Pᵀ = V_Pᵀ H exactly
                     beta = float(torch.linalg.vector_norm(w))
@@ -88,7 +98,7 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
                         V[j + 1] = _random_direction(generator, V[:j + 1], P, dtype, op.device)
                     else:
                         H[j + 1, j] = beta
-                        V[j + 1] = w / beta
+                        torch.div(w, beta, out=V[j + 1])
                 stop = j + 1
                 theta, S, estimated, wanted = _ritz(H, stop, which, k)
                 converged = stop >= k and not broke and bool((estimated[wanted] <= tol).all())
@@ -99,8 +109,10 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
             if converged or stop == P or products >= budget:
                 break
             kept = select(theta, which, keep)
-            V[:keep] = S[:, kept].T.to(V) @ V[:stop]
-            V[keep] = V[stop]
+            spare = torch.empty_like(V) if spare is None else spare
+            torch.matmul(S[:, kept].T.to(V), V[:stop], out=spare[:keep])
+            spare[keep] = V[stop]
+            V, spare = spare, V  # the restarted basis, without allocating (and first touching) a new one
             border = H[stop, :stop] @ S[:, kept]
             H.zero_()
             H[:keep, :keep] = torch.diag(theta[kept])
