@@ -30,7 +30,7 @@ from curvlab import report
 from curvlab.approx import APPROXIMATIONS, approximate, options_of
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem, require_integer
 from curvlab.metrics import approximation_error
-from curvlab.operators import KINDS, DenseMatrix, curvature
+from curvlab.operators import KINDS, AbsHessian, DenseMatrix, curvature
 from curvlab.problem import Problem
 from curvlab.spectra import Spectrum, spectral_summary, spectrum, trace
 from curvlab.spectra.blocks import blocks_of
@@ -87,7 +87,8 @@ COLUMNS = {
         "asymmetry": {"meaning": "‖C − Cᵀ‖_F / ‖C‖_F of the dense matrix before symmetrising"},
         "slq_error": {"meaning": "1-Wasserstein distance between the SLQ density and the dense eigenvalues, "
                                  "over the spectral range"},
-        "products": {"meaning": "operator-vector products used for this row (dense: P; SLQ products not included)",
+        "products": {"meaning": "operator-vector products behind this row (dense: the P that build the matrix; "
+                                 "SLQ products not included)",
                      "unit": "products"},
         "seconds": {"meaning": "wall-clock time of this row's numbers (dense matrix and eigvalsh, or the "
                                "estimators)", "unit": "s"},
@@ -282,16 +283,16 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
         op = operators[kind]
         if kind == "abs_hessian" and "hessian" in matrices:  # |H| = V|Λ|Vᵀ from the dense Hessian already built
             values, vectors = torch.linalg.eigh(matrices["hessian"])
-            op = DenseMatrix(prob, kind, (vectors * values.abs()) @ vectors.T)
-            remarks.append("abs_hessian: V|Λ|Vᵀ from eigh of the dense Hessian built for the hessian row")
-        analysis = _KindAnalysis(op, prob, k, seed, progress)
+            op = AbsHessian.from_eigen(prob, values, vectors, "eigh of the dense Hessian built for the hessian row")
+        slq = spectrum(op, method="slq", probes=probes, steps=steps, seed=seed, progress=progress)
+        analysis = _KindAnalysis(op, prob, k, seed, slq, progress)
         rows.append(analysis.row)
         tops += analysis.top
         layers += analysis.layers
         if analysis.eigenvalues is not None:
             eigenvalues[kind] = analysis.eigenvalues
             matrices[kind] = analysis.dense
-        densities[kind] = _density(op, probes, steps, seed, progress)
+        densities[kind] = _density(slq, seed)
         if analysis.eigenvalues is not None:
             rows[-1]["slq_error"] = _wasserstein(densities[kind], analysis.eigenvalues)
         remarks += [f"{kind}: {remark}" for remark in analysis.remarks]
@@ -326,8 +327,8 @@ def _frame(rows: list[dict], name: str, dtypes: Mapping[str, str]) -> pd.DataFra
 class _KindAnalysis:
     """The spectra row, top eigenvalues and layer rows of one kind: exact when dense fits, else estimated."""
 
-    def __init__(self, op, prob: Problem, k: int, seed: int, progress: bool):
-        self.op, self.prob, self.k, self.seed, self.progress = op, prob, k, seed, progress
+    def __init__(self, op, prob: Problem, k: int, seed: int, slq: Spectrum, progress: bool):
+        self.op, self.prob, self.k, self.seed, self.slq, self.progress = op, prob, k, seed, slq, progress
         self.remarks: list[str] = []
         self.row = {"kind": op.kind}
         start = _clock(prob.device)
@@ -356,7 +357,6 @@ class _KindAnalysis:
         summary = spectral_summary(spec, damping=DAMPING, threshold=P * torch.finfo(self.prob.dtype).eps
                                    * float(np.abs(values).max()))
         self.eigenvalues = values
-        self.row.setdefault("trace", float(values.sum()))
         self.row |= _summary_columns(summary) | {
             "status": "dense", "trace_std_error": 0.0,
             "zero": int((np.abs(values) <= summary.threshold).sum()), "products": P,
@@ -370,7 +370,7 @@ class _KindAnalysis:
         which = "BE" if op.kind == "hessian" else "LA"
         top = spectrum(op, method="lanczos", k=self.k, which=which, tol=1e-6, seed=seed, progress=self.progress)
         estimate = trace(op, method="hutchpp", samples=99, seed=seed, progress=self.progress)
-        slq = spectrum(op, method="slq", probes=10, steps=80, seed=seed, progress=self.progress)
+        slq = self.slq
         summary = spectral_summary(slq, damping=DAMPING)
         order = top.eigenvalues.flip(0).cpu()
         self.eigenvalues = None
@@ -378,10 +378,11 @@ class _KindAnalysis:
             "status": "matrix-free", "trace": estimate.estimate, "trace_std_error": estimate.std_error,
             "lambda_max": max(float(order[0]), summary.lambda_max),
             "lambda_min": min(float(order[-1]), summary.lambda_min) if which == "BE" else summary.lambda_min,
-            "products": top.products + estimate.products + slq.products,
+            "products": top.products + estimate.products,
             "seconds": _clock(self.prob.device) - start,
             "how": f"Lanczos (k={self.k}, which={which}, {top.products} products), Hutch++ trace "
-                   f"({estimate.products} products), SLQ counts (10 probes × 80 steps); seed {seed}"}
+                   f"({estimate.products} products), SLQ counts ({slq.weights.shape[0]} probes × "
+                   f"{slq.weights.shape[1]} steps); seed {seed}"}
         residuals = top.residuals.flip(0).cpu()
         converged = top.converged.flip(0).cpu()
         self.top = [{"kind": op.kind, "rank": i + 1, "eigenvalue": float(value), "residual": float(residual),
@@ -397,7 +398,7 @@ class _KindAnalysis:
     def _layers_of(self, blocks) -> list[dict]:
         rows = []
         for label, block in blocks:
-            values = torch.linalg.eigvalsh((block + block.T) / 2).cpu().numpy()
+            values = torch.linalg.eigvalsh(block).cpu().numpy()
             tolerance = values.size * torch.finfo(self.prob.dtype).eps * float(np.abs(values).max())
             rows.append({"kind": self.op.kind, "layer": label, "parameters": values.size,
                          "trace": float(block.diagonal().sum()), "trace_std_error": 0.0,
@@ -496,14 +497,13 @@ def _summary_columns(summary) -> dict:
             "tolerance": summary.threshold}
 
 
-def _density(op, probes: int, steps: int, seed: int, progress: bool) -> dict:
-    """The SLQ density of ``op`` as plain numbers for the report and ``results.json``."""
-    spec = spectrum(op, method="slq", probes=probes, steps=steps, seed=seed, progress=progress)
+def _density(spec: Spectrum, seed: int) -> dict:
+    """An SLQ spectrum's density as plain numbers for the report and ``results.json``."""
     (grid, values), (log_grid, log_values) = spec.density, spec.log_density
     return {"grid": grid.numpy(), "values": values.numpy(), "width": spec.width,
             "log_grid": log_grid.numpy(), "log_values": log_values.numpy(), "log_width": spec.log_width,
             "log_eps": spec.log_eps, "nodes": spec.nodes.numpy(), "weights": spec.weights.numpy(),
-            "probes": probes, "steps": spec.nodes.shape[1], "products": spec.products, "seed": seed,
+            "probes": spec.nodes.shape[0], "steps": spec.nodes.shape[1], "products": spec.products, "seed": seed,
             "reorthogonalized": bool(spec.reorthogonalized)}
 
 

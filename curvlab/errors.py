@@ -1,5 +1,6 @@
-"""Exceptions curvlab raises on bad input or on requests it cannot honour, and the common argument check."""
+"""Exceptions curvlab raises on bad input or on requests it cannot honour, and the common argument checks."""
 
+import math
 import numbers
 
 
@@ -23,4 +24,22 @@ def require_integer(name: str, value, minimum: int = 1, maximum: int | None = No
         bounds = f"an integer from {minimum} to {maximum}"
     else:
         bounds = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+    raise InvalidProblem(f"{name} must be {bounds}{hint}, got {value!r}")
+
+
+def require_number(name: str, value, minimum: float = 0.0, strict: bool = True, maximum: float = math.inf,
+                   hint: str = "") -> float:
+    """``value`` as a float if it is a real number above ``minimum`` (or equal, unless ``strict``) and below
+    ``maximum``, else :class:`InvalidProblem`; nan and infinities never pass."""
+    if (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value < maximum
+            and (value > minimum if strict else value >= minimum)):
+        return float(value)
+    if maximum < math.inf:
+        bounds = f"a number in {'(' if strict else '['}{minimum:g}, {maximum:g})"
+    elif minimum == -math.inf:
+        bounds = "a finite number"
+    elif minimum == 0:
+        bounds = "a positive number" if strict else "a finite number ≥ 0"
+    else:
+        bounds = f"a finite number {'>' if strict else '≥'} {minimum:g}"
     raise InvalidProblem(f"{name} must be {bounds}{hint}, got {value!r}")

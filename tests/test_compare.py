@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 import curvlab
@@ -114,7 +115,10 @@ def test_every_kind_has_an_slq_density_measured_against_the_dense_eigenvalues(re
     for kind in ALL_KINDS:
         density = result.densities[kind]
         assert density["nodes"].shape == density["weights"].shape == (4, 30)
-        assert 0 <= spectra.loc[kind, "slq_error"] < 0.1
+        grid, values, exact = density["grid"], density["values"], result.eigenvalues[kind]
+        distance = scipy.stats.wasserstein_distance(grid, exact, u_weights=values * (grid[1] - grid[0]))
+        assert spectra.loc[kind, "slq_error"] == pytest.approx(distance / (exact[-1] - exact[0]), rel=1e-12)
+        assert spectra.loc[kind, "slq_error"] < 0.1
 
 
 def test_kind_over_the_memory_budget_is_estimated_matrix_free(case, monkeypatch, tmp_path):

@@ -63,13 +63,9 @@ def assert_matches(actual, expected):
 
 def block_mask(problem):
     """True on the diagonal blocks of the modules that own studied parameters."""
-    position, offset = {}, 0
-    for name, shape in zip(problem.param_names, problem.param_shapes):
-        position[name] = torch.arange(offset, offset + shape.numel())
-        offset += shape.numel()
-    mask = torch.zeros(offset, offset, dtype=torch.bool)
+    mask = torch.zeros(problem.num_params, problem.num_params, dtype=torch.bool)
     for _, names in problem.module_blocks():
-        index = torch.cat([position[name] for name in names])
+        index = problem.entries(names)
         mask[index[:, None], index[None, :]] = True
     return mask
 
@@ -104,16 +100,12 @@ def test_linear_hadamard_gram_equals_gram_of_explicit_per_example_gradients(case
     problem = problem_of(case)
     rows = per_example_gradients(case)
     approximation = approximate(problem, "gram", curvature="empirical_fisher", per_layer=True)
-    position, offset = {}, 0
-    for name, shape in zip(problem.param_names, problem.param_shapes):
-        position[name] = torch.arange(offset, offset + shape.numel())
-        offset += shape.numel()
     linear = 0
     for label, names, block in approximation.blocks:
         if type(problem.model.get_submodule(label)) is nn.Linear:  # not MultiheadAttention's out_proj subclass
             assert [type(part) for part in block.parts] == [LinearGradients]
             linear += 1
-        explicit = rows[:, torch.cat([position[name] for name in names])]
+        explicit = rows[:, problem.entries(names)]
         assert_matches(block.gram, explicit @ explicit.T)
     assert linear >= 2
 

@@ -54,12 +54,8 @@ def kron_all(matrices):
 
 
 def diagonal_block(dense, problem, name):
-    start = 0
-    for n, shape in zip(problem.param_names, problem.param_shapes):
-        if n == name:
-            return dense[start:start + shape.numel(), start:start + shape.numel()]
-        start += shape.numel()
-    raise KeyError(name)
+    start, stop = problem.spans()[name]
+    return dense[start:stop, start:stop]
 
 
 def build(case_name, reduction="mean"):
@@ -124,7 +120,7 @@ def test_matrix_is_exact_for_one_rank_one_gradient():
     dense = approximate(problem, "shampoo", curvature="gradient_second_moment").to_dense()
     # The factors' zero eigenvalues come out as ±eps·‖L‖; their square roots, √eps ≈ 1.5e-8 relative,
     # bound the agreement.
-    torch.testing.assert_close(dense, torch.outer(g, g), rtol=0, atol=1e-6 * float(g.norm()) ** 2)
+    torch.testing.assert_close(dense, torch.outer(g, g), rtol=0, atol=1e-7 * float(g.norm()) ** 2)
 
 
 def test_exponent_order_overrides_every_factors_exponent():
@@ -166,7 +162,8 @@ def test_damped_inverse_undoes_the_damped_matrix():
     v = torch.randn(problem.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     damping = 1e-2
     shifted = approximation @ v + damping * v
-    torch.testing.assert_close(approximation.inverse(damping) @ shifted, v, rtol=1e-9, atol=1e-9)
+    # (S̃ + δI) has condition number ≈ (‖S̃‖ + δ)/δ ≈ 60 here: the round trip loses ~1e-14.
+    torch.testing.assert_close(approximation.inverse(damping) @ shifted, v, rtol=0, atol=1e-11)
 
 
 @pytest.mark.parametrize("options, message", [

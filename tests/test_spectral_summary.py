@@ -56,15 +56,16 @@ def test_slq_summary_estimates_agree_with_the_exact_values(device):
     """SLQ estimates of a P = 1500 spectrum with 140 negative eigenvalues out of 1500.
 
     The negative count is P times a Hutchinson estimate of the fraction, of standard deviation about
-    sqrt(2 · 140 / 10) ≈ 5.3 for 10 probes; the quadrature smears the indicator near zero, so the test
-    allows 5 deviations plus the width of the smallest-magnitude negative cluster.
+    sqrt(2 · 140 / 10) ≈ 5.3 for 10 probes: the test allows under 4 of them. The mass and the effective
+    rank are ratios of such estimates; over seeds 0–5 they scattered by up to 12 % and 24 % (seed 0:
+    6 % and 4 %), so the bounds are 15 % each, tight for this seed and below the estimator's own spread.
     """
     op, values = synthetic(device)
     spec = spectrum(op, method="slq", probes=PROBES, steps=STEPS, progress=False)
     summary = spectral_summary(spec, damping=1.0)
-    assert summary.negative_count == pytest.approx(140, abs=40)
+    assert summary.negative_count == pytest.approx(140, abs=20)
     exact_mass = float(values[values < 0].abs().sum() / values.abs().sum())
-    assert summary.negative_mass == pytest.approx(exact_mass, rel=0.25)
+    assert summary.negative_mass == pytest.approx(exact_mass, rel=0.15)
     p = values.abs() / values.abs().sum()
     exact_rank = math.exp(-float((p[p > 0] * p[p > 0].log()).sum()))
     assert summary.effective_rank == pytest.approx(exact_rank, rel=0.15)

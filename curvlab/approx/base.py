@@ -20,28 +20,14 @@ joined as ``[W b]`` (the homogeneous coordinate).
 """
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 
 import torch
 
-from curvlab.errors import InvalidProblem
+from curvlab.errors import InvalidProblem, require_number
 from curvlab.memory import check_dense
 from curvlab.operators.base import CurvatureOperator
 from curvlab.problem import Problem
-
-
-def require_damping(damping) -> float:
-    """``damping`` as a float if it is a finite number ``≥ 0``, else :class:`InvalidProblem`."""
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < math.inf:
-        raise InvalidProblem(f"damping must be a finite number ≥ 0, got {damping!r}")
-    return float(damping)
-
-
-def require_exponent(p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p):
-        raise InvalidProblem(f"the power p must be a finite number, got {p!r}")
-    return float(p)
 
 
 def eigen_power(values: torch.Tensor, p: float, what: str) -> torch.Tensor:
@@ -313,11 +299,12 @@ class LowRankBlock(Block):
         return torch.eye(self.size, dtype=self.factor.dtype, device=self.factor.device)
 
 
-def _entries(spans: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
-    """The flat-vector entries of consecutive ``[start, stop)`` spans: a slice when they are contiguous."""
+def flat_entries(problem: Problem, names: list[str]) -> slice | torch.Tensor:
+    """The flat-vector entries of the parameters ``names``: a slice when they are adjacent, in order."""
+    spans = [problem.spans()[name] for name in names]
     if all(stop == start for (_, stop), (start, _) in zip(spans, spans[1:])):
         return slice(spans[0][0], spans[-1][1])
-    return torch.cat([torch.arange(*span) for span in spans]).to(device)
+    return problem.entries(names)
 
 
 class Approximation(CurvatureOperator):
@@ -340,11 +327,10 @@ class Approximation(CurvatureOperator):
         self.curvature = curvature
         self.blocks = blocks
         self.exact_parameters = tuple(exact_parameters)
-        position = problem.spans()
         covered = [name for _, names, _ in blocks for name in names]
         if sorted(covered) != sorted(problem.param_names):
             raise ValueError(f"blocks cover {covered}, not every studied parameter once: {problem.param_names}")
-        self._index = [_entries([position[name] for name in names], problem.device) for _, names, _ in blocks]
+        self._index = [flat_entries(problem, names) for _, names, _ in blocks]
         for index, (label, _, block) in zip(self._index, blocks):
             size = index.stop - index.start if isinstance(index, slice) else index.numel()
             if block.size != size:
@@ -361,14 +347,14 @@ class Approximation(CurvatureOperator):
 
     def inverse(self, damping: float = 0.0) -> "Approximation":
         """``(C̃ + δ I)⁻¹``, block by block, with the same structure."""
-        damping = require_damping(damping)
+        damping = require_number("damping", damping, strict=False)
         with torch.no_grad():
             return self._derived("inverse", [(label, names, block.inverse(damping))
                                              for label, names, block in self.blocks])
 
     def power(self, p: float) -> "Approximation":
         """``C̃^p``, block by block (per factor for Kronecker blocks)."""
-        p = require_exponent(p)
+        p = require_number("the power p", p, minimum=-math.inf)
         with torch.no_grad():
             return self._derived("power", [(label, names, block.power(p)) for label, names, block in self.blocks])
 

@@ -13,8 +13,9 @@ With ``L = R Σ_n ℓ_n`` (DESIGN.md) and ``J_n`` ``(D, P)`` the Jacobian of exa
 - gradient second moment: ``(1/B) Σ_b ḡ_b ⊙ ḡ_b`` with ``ḡ_b`` the torch-reduced gradient of batch b
   (:mod:`curvlab.operators.gradient_second_moment`): what Adam's ``v`` and Adagrad's accumulator hold,
   before the square root; :func:`diag_sqgrad` builds it under its optimizer name;
-- Hessian and |λ|-Hessian: the diagonals of products with all ``P`` columns of the identity, in chunks
-  of 128 — ``P`` Hessian-vector products, affordable only for small models.
+- Hessian and |λ|-Hessian: the diagonals of products with all ``P`` columns of the identity, in blocks
+  (:func:`curvlab.operators.base.exact_diagonal`) — ``P`` Hessian-vector products, affordable only for
+  small models.
 
 Every result is an :class:`~curvlab.approx.base.Approximation` of :class:`DiagonalBlock` blocks, one per
 module that owns studied parameters, labelled by the module's name.
@@ -22,12 +23,13 @@ module that owns studied parameters, labelled by the module's name.
 
 import torch
 
-from curvlab.approx.base import Approximation, DiagonalBlock
+from curvlab.approx.base import Approximation, DiagonalBlock, flat_entries
 from curvlab.approx.per_example import squared_pullbacks
 from curvlab.errors import InvalidProblem, require_integer
 from curvlab.operators import KINDS
 from curvlab.operators import curvature as curvature_operator
-from curvlab.operators.base import DENSE_CHUNK, CurvatureOperator
+from curvlab.operators.base import exact_diagonal as operator_exact_diagonal
+from curvlab.operators.fisher_mc import label_generator
 from curvlab.operators.gradient_second_moment import batch_gradient
 from curvlab.problem import Problem
 
@@ -46,13 +48,8 @@ def diagonal_approximation(problem: Problem, kind: str, curvature_kind: str, val
 
     A module whose parameters are adjacent in the flat order gets a view of ``values``, not a copy.
     """
-    spans = problem.spans()
-    blocks = []
-    for module, names in problem.module_blocks():
-        contiguous = all(spans[a][1] == spans[b][0] for a, b in zip(names, names[1:]))
-        block_values = (values[spans[names[0]][0]:spans[names[-1]][1]] if contiguous
-                        else torch.cat([values[slice(*spans[name])] for name in names]))
-        blocks.append((module, names, DiagonalBlock(block_values)))
+    blocks = [(module, names, DiagonalBlock(values[flat_entries(problem, names)]))
+              for module, names in problem.module_blocks()]
     return Approximation(problem, kind, curvature_kind, blocks)
 
 
@@ -74,17 +71,6 @@ def hessian_sqrt_columns(problem: Problem, output: torch.Tensor) -> torch.Tensor
     return columns.reshape(-1, *output.shape)
 
 
-def _product_diagonal(operator: CurvatureOperator) -> torch.Tensor:
-    P = operator.shape[0]
-    values = torch.empty(P, dtype=operator.dtype, device=operator.device)
-    for start in range(0, P, DENSE_CHUNK):
-        stop = min(start + DENSE_CHUNK, P)
-        eye = torch.zeros(P, stop - start, dtype=operator.dtype, device=operator.device)
-        eye[start:stop].fill_diagonal_(1)
-        values[start:stop] = (operator @ eye)[start:stop].diagonal()
-    return values
-
-
 def sqgrad_diagonal(problem: Problem) -> torch.Tensor:
     """``(1/B) Σ_b ḡ_b ⊙ ḡ_b`` ``(P,)``, the diagonal of the gradient second moment, one batch at a time."""
     total = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
@@ -103,13 +89,12 @@ def exact_diagonal(problem: Problem, curvature_kind: str, mc_samples: int = 1, s
         return R * squared_pullbacks(problem, lambda index, output, y: hessian_sqrt_columns(problem, output))
     if curvature_kind == "empirical_fisher":
         return R * squared_pullbacks(problem, lambda index, output, y: likelihood.output_grad(output, y)[None])
-    if curvature_kind == "fisher_mc":
-        targets = curvature_operator(problem, "fisher_mc", mc_samples=mc_samples, seed=seed).sampled_targets()
-        return R * squared_pullbacks(
-            problem, lambda index, output, y: likelihood.output_grad(output, targets[index]) / mc_samples ** 0.5)
+    if curvature_kind == "fisher_mc":  # fisher_mc's labels, drawn from the outputs of the pass that uses them
+        return R * squared_pullbacks(problem, lambda index, output, y: likelihood.output_grad(
+            output, likelihood.sample(output, mc_samples, label_generator(seed, index))) / mc_samples ** 0.5)
     if curvature_kind == "gradient_second_moment":
         return sqgrad_diagonal(problem)
-    return _product_diagonal(curvature_operator(problem, curvature_kind, seed=seed))
+    return operator_exact_diagonal(curvature_operator(problem, curvature_kind, seed=seed), progress=False)
 
 
 def diag(problem: Problem, curvature: str = "ggn", mc_samples: int = 1, seed: int = 0) -> Approximation:

@@ -43,6 +43,7 @@ from torch import nn
 from torch.func import grad, vjp, vmap
 
 from curvlab.approx.base import Approximation, Block, eigen_power
+from curvlab.approx.kronecker_statistics import shared_parameters
 from curvlab.errors import InvalidProblem, require_integer
 from curvlab.problem import Problem, differentiable_kernels
 
@@ -221,14 +222,11 @@ class GramBlock(Block):
 def _fast_linear_layers(problem: Problem) -> dict[str, tuple[nn.Linear, list[str]]]:
     """``module name -> (layer, its studied parameter names)`` for the ``nn.Linear`` layers whose
     studied parameters have no other name."""
-    aliases: dict[int, int] = {}
-    for _, parameter in problem.model.named_parameters(remove_duplicate=False):
-        aliases[id(parameter)] = aliases.get(id(parameter), 0) + 1
-    named = dict(problem.model.named_parameters())
+    shared = shared_parameters(problem.model)
     layers = {}
     for module_name, names in problem.module_blocks():
         module = problem.model.get_submodule(module_name)
-        if type(module) is nn.Linear and all(aliases[id(named[name])] == 1 for name in names):
+        if type(module) is nn.Linear and not shared.intersection(names):
             layers[module_name] = (module, names)
     return layers
 

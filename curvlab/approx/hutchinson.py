@@ -27,18 +27,11 @@ from curvlab.approx.diagonal import diagonal_approximation, require_kind
 from curvlab.errors import InvalidProblem, require_integer
 from curvlab.operators import KINDS
 from curvlab.operators import curvature as curvature_operator
-from curvlab.operators.base import DENSE_CHUNK
+from curvlab.operators.base import DENSE_CHUNK, rademacher
 from curvlab.problem import Problem
 
 CHUNK_ENTRIES = 2 ** 24
 """The most entries of ``z`` (samples × P) drawn and multiplied at once."""
-
-
-def rademacher(count: int, size: int, generator: torch.Generator, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
-    """``(count, size)`` independent ±1 entries from the CPU ``generator``."""
-    signs = torch.randint(0, 2, (count, size), generator=generator, dtype=torch.int8)
-    return (2 * signs - 1).to(device=device, dtype=dtype)
 
 
 def _kernel_window_average(problem: Problem, values: torch.Tensor) -> torch.Tensor:
@@ -84,7 +77,7 @@ def diag_hutchinson(problem: Problem, curvature: str = "hessian", samples: int =
     chunk = max(1, min(DENSE_CHUNK, CHUNK_ENTRIES // P))
     total = torch.zeros(P, dtype=problem.dtype, device=problem.device)
     for start in range(0, samples, chunk):
-        z = rademacher(min(chunk, samples - start), P, generator, problem.dtype, problem.device)
+        z = rademacher(generator, min(chunk, samples - start), P, problem.dtype, problem.device)
         estimates = z * (operator @ z.T).T
         total += (estimates.abs() if absolute else estimates).sum(0)
     values = total / samples

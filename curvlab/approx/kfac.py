@@ -73,7 +73,6 @@ class _Layer:
     def __init__(self, label: str, module, names: list[str], joint_bias: bool):
         prefix = f"{label}." if label else ""
         self.label = label
-        self.module = module
         self.weight = prefix + "weight" if prefix + "weight" in names else None
         self.bias = prefix + "bias" if prefix + "bias" in names else None
         self.joint = joint_bias and self.weight is not None and self.bias is not None

@@ -14,7 +14,7 @@ rank-k approximation of ``C`` in every unitarily invariant norm (Eckart–Young�
 The diagonal ``D`` (``diagonal="exact"``) is the diagonal of the residual ``C − V Λ Vᵀ``:
 ``d_i = C_ii − Σ_j Λ_j V_ij²``, so that ``C̃`` has exactly the diagonal of ``C`` and the rank-k part
 carries the top of the spectrum. ``diag C`` comes from the ``P`` products with the identity's rows
-(in blocks of :data:`DIAGONAL_BLOCK`): affordable for small models, and far dearer than Lanczos'
+(:func:`curvlab.operators.base.exact_diagonal`): affordable for small models, and far dearer than Lanczos'
 few times ``k`` products when ``P ≫ k``.
 
 **Unconverged pairs.** Every Ritz pair has the relative residual
@@ -24,20 +24,17 @@ few times ``k`` products when ``P ≫ k``.
 way the residuals and convergence flags stay on the result (:class:`LowRank`).
 """
 
-import numbers
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from curvlab.approx.base import Approximation, LowRankBlock
 from curvlab.approx.target import curvature_operator
-from curvlab.errors import InvalidProblem, require_integer
-from curvlab.operators.base import CurvatureOperator
+from curvlab.errors import InvalidProblem, require_integer, require_number
+from curvlab.operators.base import CurvatureOperator, exact_diagonal
 from curvlab.operators.lanczos import WHICH, RitzPairs, lanczos
 from curvlab.problem import Problem
 
-DIAGONAL_BLOCK = 32  # identity rows per product block of the exact diagonal
 DIAGONALS = (None, "exact")
 UNCONVERGED = ("raise", "warn")
 
@@ -111,35 +108,21 @@ def lowrank(problem: Problem, curvature: str = "ggn", k: int = 20, which: str = 
         raise InvalidProblem(f"unknown which {which!r}; choose one of {', '.join(map(repr, WHICH))}")
     if diagonal not in DIAGONALS:
         raise InvalidProblem(f"unknown diagonal {diagonal!r}; choose None or 'exact'")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
-        raise InvalidProblem(f"tol must be a positive number, got {tol!r}")
+    tol = require_number("tol", tol)
     if unconverged not in UNCONVERGED:
         raise InvalidProblem(f"unknown unconverged {unconverged!r}; choose 'raise' or 'warn'")
     if max_products is None:
         max_products = 20 * k + 200
-    require_integer("max_products", max_products, minimum=2 * k,
-                    hint=" (2k: k Lanczos steps and k products to check them)")
-    pairs = lanczos(op, k, which, float(tol), seed, max_products, dtype or problem.dtype, progress)
-    _check_converged(pairs, float(tol), unconverged)
+    max_products = require_integer("max_products", max_products, minimum=2 * k,
+                                   hint=" (2k: k Lanczos steps and k products to check them)")
+    pairs = lanczos(op, k, which, tol, seed, max_products, dtype or problem.dtype, progress)
+    _check_converged(pairs, tol, unconverged)
     values, vectors = pairs.values.to(problem.dtype), pairs.vectors.to(problem.dtype)
     pairs = RitzPairs(values, vectors, pairs.residuals, pairs.converged, pairs.products)
     if diagonal is None:
         return LowRank(problem, curvature, pairs, None, pairs.products)
-    residual_diagonal = exact_diagonal(op, progress) - (vectors.square() * values).sum(1)
+    residual_diagonal = exact_diagonal(op, progress=progress) - (vectors.square() * values).sum(1)
     return LowRank(problem, curvature, pairs, residual_diagonal, pairs.products + P)
-
-
-def exact_diagonal(op: CurvatureOperator, progress: bool = True) -> torch.Tensor:
-    """``diag C`` ``(P,)`` from the ``P`` products with the identity's rows, :data:`DIAGONAL_BLOCK` at a time."""
-    P = op.shape[0]
-    diagonal = torch.empty(P, dtype=op.dtype, device=op.device)
-    starts = range(0, P, DIAGONAL_BLOCK)
-    for start in tqdm(starts, desc="exact diagonal", disable=not progress or len(starts) < 4, leave=False):
-        stop = min(start + DIAGONAL_BLOCK, P)
-        rows = torch.zeros(stop - start, P, dtype=op.dtype, device=op.device)
-        rows[:, start:stop].fill_diagonal_(1)
-        diagonal[start:stop] = op._apply(rows)[:, start:stop].diagonal()
-    return diagonal
 
 
 def _check_converged(pairs: RitzPairs, tol: float, unconverged: str) -> None:

@@ -82,7 +82,7 @@ def _probed_forward(problem: Problem, X, layers: dict):
     return output, pullback, inputs, qualified
 
 
-def _linear_squares(problem: Problem, pullback, inputs, cotangents: torch.Tensor, layers: dict,
+def _linear_squares(pullback, inputs, cotangents: torch.Tensor, layers: dict,
                     qualified: list[str]) -> dict[str, torch.Tensor]:
     errors = vmap(lambda u: pullback(u)[0])(cotangents)
     squares = {}
@@ -149,7 +149,7 @@ def squared_pullbacks(problem: Problem, cotangents: Cotangents) -> torch.Tensor:
             else:
                 output, qualified = problem.forward(problem.params, X), []
             U = cotangents(index, output, y)
-            squares = _linear_squares(problem, pullback, inputs, U, layers, qualified) if qualified else {}
+            squares = _linear_squares(pullback, inputs, U, layers, qualified) if qualified else {}
             rest = [name for name in problem.param_names if name not in squares]
             if rest:
                 squares.update(_per_example_squares(problem, X, U, rest))

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from curvlab.approx.base import Approximation, Homogeneous, KroneckerBlock, Layout, Reshape, mode_product
 from curvlab.approx.target import curvature_operator
-from curvlab.errors import InvalidProblem, require_integer
+from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.operators.base import CurvatureOperator
 from curvlab.problem import Problem
 
@@ -109,8 +109,7 @@ def psgd_kron(problem: Problem, curvature: str = "hessian", iterations: int = 10
     """
     op = curvature_operator(problem, curvature, operator, seed, curvature_options)
     iterations = require_integer("iterations", iterations)
-    if isinstance(lr_precond, bool) or not isinstance(lr_precond, numbers.Real) or not 0 < lr_precond < 1:
-        raise InvalidProblem(f"lr_precond must be a number in (0, 1), got {lr_precond!r}")
+    lr_precond = require_number("lr_precond", lr_precond, maximum=1)
     if (isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real)
             or not 0 < init_scale < math.inf):
         raise InvalidProblem(f"init_scale must be a finite number > 0, got {init_scale!r}")
@@ -127,9 +126,9 @@ def psgd_kron(problem: Problem, curvature: str = "hessian", iterations: int = 10
             for step in range(count):
                 for index, (_, names, layout) in enumerate(groups):
                     factors[index] = lie_group_step(factors[index], _block_tensor(v_parts, names, layout, step),
-                                                    _block_tensor(h_parts, names, layout, step), float(lr_precond))
+                                                    _block_tensor(h_parts, names, layout, step), lr_precond)
                 bar.update()
-    return PsgdKron(problem, curvature, groups, factors, iterations, float(lr_precond))
+    return PsgdKron(problem, curvature, groups, factors, iterations, lr_precond)
 
 
 def kron_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:

@@ -30,11 +30,11 @@ per parameter tensor; a 0-d parameter is a 1-vector.
 """
 
 import torch
-from torch.func import grad
 
 from curvlab.approx.base import Approximation, DiagonalBlock, KroneckerBlock, Reshape
 from curvlab.errors import InvalidProblem, require_integer
-from curvlab.problem import Problem, differentiable_kernels
+from curvlab.operators.gradient_second_moment import batch_gradient
+from curvlab.problem import Problem
 
 CURVATURES = ("gradient_second_moment",)
 
@@ -46,16 +46,8 @@ def batch_gradients(problem: Problem):
     ``(1/T_b) Σ_{n∈b} ℓ_n`` for ``reduction="mean"`` (``T_b`` the batch's number of terms),
     ``Σ_{n∈b} ℓ_n`` for ``"sum"``.
     """
-    likelihood = problem.likelihood
-
-    def batch_loss(params, X, y):
-        output = problem.forward(params, X)
-        total = likelihood.loss(output, y)
-        return total if problem.reduction == "sum" else total / likelihood.validate(output, y)
-
-    with differentiable_kernels():
-        for _, X, y in problem.batches():
-            yield grad(batch_loss)(problem.params, X, y)
+    for _, X, y in problem.batches():
+        yield problem.unflatten(batch_gradient(problem, X, y))
 
 
 def _unfolding_products(gradient: torch.Tensor) -> list[torch.Tensor]:

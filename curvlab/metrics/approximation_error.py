@@ -59,7 +59,7 @@ which the flag reports. Memory stays at a few ``(32, P)`` directions for the pro
 numbers in all.
 
 Random numbers come from a local CPU generator seeded with ``seed``: the ``inverse_probes`` rows of
-``±1`` are drawn first as ``2 · randint(0, 2, (inverse_probes, P), float64) − 1``, then, in randomized
+``±1`` are drawn first (:func:`curvlab.operators.base.rademacher`), then, in randomized
 mode, the ``probes`` Frobenius probes the same way; a block uses its entries of the whole model's
 probes. The caller's random state is untouched.
 """
@@ -75,9 +75,9 @@ from torch.func import grad
 from tqdm.auto import tqdm
 
 from curvlab.approx.base import Approximation
-from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer
+from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer, require_number
 from curvlab.memory import check_dense
-from curvlab.operators.base import CurvatureOperator
+from curvlab.operators.base import CurvatureOperator, rademacher
 from curvlab.operators.lanczos import select
 from curvlab.spectra.overlap import eigenspace_overlap
 from curvlab.spectra.spectrum import spectrum
@@ -162,7 +162,7 @@ def approximation_error(approx: CurvatureOperator, exact: CurvatureOperator, dam
     counted = _Counted(exact)
     scopes = _scopes(approx, counted)
     generator = torch.Generator().manual_seed(seed)
-    probes_and_gradient = torch.cat([_rademacher(generator, inverse_probes, P, exact),
+    probes_and_gradient = torch.cat([rademacher(generator, inverse_probes, P, exact.dtype, exact.device),
                                      exact.problem.gradient().to(exact.dtype)[None]])
     if method == "dense":
         rows, delta = _dense(approx, counted, scopes, probes_and_gradient, damping, k, budget, progress)
@@ -232,8 +232,8 @@ def _dense(approx, exact, scopes, rhs, damping, k, budget, progress):
         scale = inner / norm_a
         k_s = min(k, len(index))
         values_a, vectors_a = torch.linalg.eigh(A_s)
-        whole = len(index) == C.shape[0] and hasattr(exact, "eigh")
-        values_c, vectors_c = exact.eigh() if whole else torch.linalg.eigh(C_s)
+        whole = len(index) == C.shape[0] and hasattr(exact.operator, "eigh")  # a DenseMatrix's cached one
+        values_c, vectors_c = exact.operator.eigh() if whole else torch.linalg.eigh(C_s)
         eye = torch.eye(len(index), dtype=C.dtype, device=C.device)
         V = rhs[:, index]
         if scope.inverse is not None:
@@ -335,7 +335,7 @@ def _frobenius_terms(scopes: list[_Scope], generator: torch.Generator, probes: i
     whole = scopes[0]
     for start in tqdm(range(0, probes, BATCH), desc="approximation error (probes)", disable=not progress,
                       leave=False):
-        Z = _rademacher(generator, min(BATCH, probes - start), P, whole.exact)
+        Z = rademacher(generator, min(BATCH, probes - start), P, whole.exact.dtype, whole.exact.device)
         rows = [Z[:, scope.index] for scope in scopes]
         applied_a = _restricted_products(whole.approx, scopes, rows)
         applied_c = _restricted_products(whole.exact, scopes, rows)
@@ -432,12 +432,6 @@ def _inverse_errors(solved_a: torch.Tensor, solved_c: torch.Tensor, converged: b
             "inverse_action_gradient": float(errors[-1]), "inverse_converged": True}
 
 
-def _rademacher(generator: torch.Generator, rows: int, P: int, op: CurvatureOperator) -> torch.Tensor:
-    """``(rows, P)`` independent ±1 entries, drawn on the CPU in float64, on ``op``'s device and dtype."""
-    signs = torch.randint(0, 2, (rows, P), generator=generator, dtype=torch.float64).mul_(2).sub_(1)
-    return signs.to(device=op.device, dtype=op.dtype)
-
-
 def _default_damping(norm_fro: float, P: int) -> float:
     """``10⁻³ ‖C‖_F / √P``, refused when ``C`` is zero and so sets no scale."""
     if not norm_fro > 0:
@@ -473,6 +467,5 @@ def _check_arguments(approx, exact, damping, k, method, probes, inverse_probes, 
     require_integer("inverse_probes", inverse_probes, minimum=2, hint=" (a standard error needs two)")
     require_integer("max_iterations", max_iterations)
     require_integer("seed", seed, minimum=0)
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < math.inf:
-        raise InvalidProblem(f"tol must be a positive number, got {tol!r}")
+    require_number("tol", tol)
     return P

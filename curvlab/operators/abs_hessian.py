@@ -27,6 +27,14 @@ class AbsHessian(CurvatureOperator):
         self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None
         self.method: str | None = None
 
+    @classmethod
+    def from_eigen(cls, problem, values: torch.Tensor, vectors: torch.Tensor, method: str) -> "AbsHessian":
+        """``V |Λ| Vᵀ`` from an eigendecomposition ``H = V Λ Vᵀ`` already at hand, obtained by ``method``."""
+        op = cls(problem)
+        op._eigen = (values.to(device=op.device, dtype=op.dtype), vectors.to(device=op.device, dtype=op.dtype))
+        op.method = method
+        return op
+
     def eigen(self, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues ``Λ`` (ascending, signed) and eigenvectors ``V`` (columns) of ``H`` that ``|H|`` uses."""
         if self._eigen is None:

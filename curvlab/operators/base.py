@@ -85,11 +85,7 @@ class CurvatureOperator(ABC):
         P = self.shape[0]
         check_dense(P, P, self.dtype, self.device, f"{self.kind} matrix", budget)
         dense = torch.empty(P, P, dtype=self.dtype, device=self.device)
-        starts = range(0, P, DENSE_CHUNK)
-        for start in tqdm(starts, desc=f"dense {self.kind}", disable=not progress or len(starts) < 4, leave=False):
-            stop = min(start + DENSE_CHUNK, P)
-            eye = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
-            eye[:, start:stop].fill_diagonal_(1)
+        for start, stop, eye in identity_rows(self, DENSE_CHUNK, f"dense {self.kind}", progress):
             dense[start:stop] = self._apply(eye)
         return dense
 
@@ -108,6 +104,32 @@ class CurvatureOperator(ABC):
                               dtype=np.float64)
 
 
+def rademacher(generator: torch.Generator, rows: int, size: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """``(rows, size)`` independent ±1 entries drawn from the CPU ``generator``, then moved to ``device``."""
+    signs = torch.randint(0, 2, (rows, size), generator=generator, dtype=torch.int8)
+    return (2 * signs - 1).to(device=device, dtype=dtype)
+
+
+def identity_rows(op, batch: int, description: str, progress: bool):
+    """``(start, stop, I[start:stop])`` for the identity's rows ``(b, P)`` on ``op``'s device and dtype, ``batch`` at a time."""
+    P = op.shape[0]
+    starts = range(0, P, batch)
+    for start in tqdm(starts, desc=description, disable=not progress or len(starts) < 4, leave=False):
+        stop = min(start + batch, P)
+        eye = torch.zeros(stop - start, P, dtype=op.dtype, device=op.device)
+        eye[:, start:stop].fill_diagonal_(1)
+        yield start, stop, eye
+
+
+def exact_diagonal(op, batch: int = DENSE_CHUNK, progress: bool = True) -> torch.Tensor:
+    """``diag C`` ``(P,)`` from the ``P`` products with the identity's rows, ``batch`` at a time."""
+    diagonal = torch.empty(op.shape[0], dtype=op.dtype, device=op.device)
+    for start, stop, eye in identity_rows(op, batch, "exact diagonal", progress):
+        diagonal[start:stop] = op._apply(eye)[:, start:stop].diagonal()
+    return diagonal
+
+
 class BlockDiagonal(CurvatureOperator):
     """``diag(C_1, …, C_B)``: one exact curvature block per module that owns studied parameters."""
 
@@ -115,15 +137,11 @@ class BlockDiagonal(CurvatureOperator):
         super().__init__(problem)
         self.blocks = blocks
         self.kind = blocks[0][1].kind
-        self._index = [
-            problem.entries(block.problem.param_names)
-            for _, block in blocks
-        ]
+        self._index = [problem.entries(block.problem.param_names) for _, block in blocks]
 
     def _matmat(self, rows):
         result = torch.empty_like(rows)
         for index, (_, block) in zip(self._index, self.blocks):
-            index = index.to(rows.device)
             result[:, index] = block._matmat(rows[:, index].contiguous())
         return result
 

@@ -7,16 +7,17 @@ through products of the whole operator (:meth:`CurvatureOperator.block`), so any
 
 from tqdm.auto import tqdm
 
+from curvlab.approx.base import Approximation
+from curvlab.operators.base import BlockDiagonal
 from curvlab.spectra.spectrum import Spectrum, spectrum
 
 
 def blocks_of(op) -> list[tuple[str, list[str]]]:
     """``(label, parameter names)`` of ``op``'s diagonal blocks."""
-    own = getattr(op, "blocks", None)
-    if own and len(own[0]) == 3:  # an approximation's (label, names, block)
-        return [(label, list(names)) for label, names, _ in own]
-    if own:  # a block-diagonal exact operator's (module, operator)
-        return [(label, list(block.problem.param_names)) for label, block in own]
+    if isinstance(op, Approximation):
+        return [(label, list(names)) for label, names, _ in op.blocks]
+    if isinstance(op, BlockDiagonal):
+        return [(label, list(block.problem.param_names)) for label, block in op.blocks]
     return op.problem.module_blocks()
 
 

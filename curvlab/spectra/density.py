@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from curvlab.operators.base import rademacher
 from curvlab.operators.lanczos import BREAKDOWN
 
 REORTHOGONALIZE_BYTES = 256 * 2**20
@@ -76,8 +77,7 @@ def lanczos_quadrature(op, probes: int, steps: int, seed: int, reorthogonalize: 
     if reorthogonalize is None:
         reorthogonalize = probes * steps * P * itemsize <= REORTHOGONALIZE_BYTES
     generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (probes, P), generator=generator, dtype=torch.int8)
-    current = (2 * signs.to(torch.float64) - 1).div_(P ** 0.5).to(device=op.device, dtype=dtype)
+    current = rademacher(generator, probes, P, dtype, op.device).div_(P ** 0.5)
     previous = torch.zeros_like(current)
     basis = torch.zeros(probes, steps, P, dtype=dtype, device=op.device) if reorthogonalize else None
     alpha = torch.zeros(probes, steps, dtype=torch.float64)

@@ -25,12 +25,11 @@ projected matrix (a lower bound of ``‖C‖₂``) for ``"lanczos"``.
   ``β_m |s_{mj}|`` the Lanczos recurrence gives without further products.
 """
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
-from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer
+from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer, require_number
 from curvlab.memory import check_dense
 from curvlab.operators.lanczos import WHICH, lanczos, relative_scale, select
 from curvlab.spectra.density import lanczos_quadrature, smoothed_density
@@ -194,8 +193,7 @@ def _check_arguments(method: str, k, which: str, tol: float, max_products, P: in
         raise InvalidProblem(f"unknown which {which!r}; choose one of {', '.join(map(repr, WHICH))}")
     if k is not None and method != "slq":
         require_integer("k", k, maximum=P, hint=" (P), or None for all")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
-        raise InvalidProblem(f"tol must be a positive number, got {tol!r}")
+    require_number("tol", tol)
     if max_products is None:
         return 20 * (k or P) + 200
     return require_integer("max_products", max_products, minimum=2 * (k or P),
@@ -206,5 +204,5 @@ def _check_slq_arguments(probes, steps, width, log_eps) -> None:
     require_integer("probes", probes)
     require_integer("steps", steps, minimum=2)
     for name, value in (("width", width), ("log_eps", log_eps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
-            raise InvalidProblem(f"{name} must be a positive number or None for the default, got {value!r}")
+        if value is not None:
+            require_number(name, value, hint=" or None for the default")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvlab.errors import InvalidProblem
+from curvlab.errors import require_number
 from curvlab.spectra.spectrum import Spectrum
 
 LABELS = {
@@ -83,8 +83,7 @@ def spectral_summary(spec: Spectrum, damping: float = 0.0, threshold: float | No
         >>> s.condition_positive, s.condition_damped, s.negative_count, s.negative_mass
         (1.0, 4.0, 1.0, 0.2)
     """
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < math.inf:
-        raise InvalidProblem(f"damping must be a finite number ≥ 0, got {damping!r}")
+    damping = require_number("damping", damping, strict=False)
     if spec.method == "slq":
         return _from_quadrature(spec, float(damping), threshold)
     values = spec.eigenvalues.detach().double().cpu()

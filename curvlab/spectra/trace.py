@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from curvlab.errors import InvalidProblem, require_integer
+from curvlab.operators.base import exact_diagonal, rademacher
 
 TRACE_METHODS = ("auto", "exact", "hutchinson", "hutchpp")
 DIAGONAL_METHODS = ("auto", "exact", "hutchinson")
@@ -126,13 +127,12 @@ def trace(op, method: str = "auto", samples: int = 100, seed: int = 0, batch: in
             f"give more samples or use method='hutchinson'"
         )
     if method == "exact":
-        with _bar(_blocks(P, batch), "trace (exact)", progress) as bar:
-            diag = _exact_diagonal(op, batch, bar)
+        diag = exact_diagonal(op, batch, progress)
         return TraceEstimate(float(diag.sum(dtype=torch.float64)), 0.0, method, P, 0)
     generator = torch.Generator().manual_seed(seed)
     if method == "hutchinson":
         with _bar(_blocks(samples, batch), "trace (hutchinson)", progress) as bar:
-            terms = _hutchinson_terms(op, samples, batch, lambda rows: _rademacher(generator, rows, op), bar)
+            terms = _hutchinson_terms(op, samples, batch, lambda rows: _signs(generator, rows, op), bar)
         estimate, std_error = _mean_and_std_error(terms)
         return TraceEstimate(estimate, std_error, method, samples, samples)
     return _hutchpp(op, samples, generator, batch, progress)
@@ -153,15 +153,14 @@ def diagonal(op, method: str = "auto", samples: int = 100, seed: int = 0, batch:
     if method == "auto":
         method = "exact" if P <= samples else "hutchinson"
     if method == "exact":
-        with _bar(_blocks(P, batch), "diagonal (exact)", progress) as bar:
-            estimate = _exact_diagonal(op, batch, bar)
+        estimate = exact_diagonal(op, batch, progress)
         return DiagonalEstimate(estimate, torch.zeros_like(estimate), method, P, 0)
     generator = torch.Generator().manual_seed(seed)
     count = 0
     mean = torch.zeros(P, dtype=torch.float64, device=op.device)
     m2 = torch.zeros_like(mean)  # sum of squared deviations from the mean
     with _bar(_blocks(samples, batch), "diagonal (hutchinson)", progress) as bar:
-        for _, rows, products in _products(op, samples, batch, lambda a, b: _rademacher(generator, b - a, op), bar):
+        for _, rows, products in _products(op, samples, batch, lambda a, b: _signs(generator, b - a, op), bar):
             terms = (rows * products).double()  # (b, P): z ⊙ C z per probe
             # Chan et al.'s update of the running mean and sum of squared deviations by one block.
             block_mean = terms.mean(0)
@@ -182,14 +181,14 @@ def _hutchpp(op, samples: int, generator: torch.Generator, batch: int, progress:
     q = min(k, P)  # columns of Q: k unless the sketch has more columns than C has rows
     with _bar(_blocks(k, batch) + _blocks(q, batch) + _blocks(g, batch), "trace (hutchpp)", progress) as bar:
         sketch = torch.empty(k, P, dtype=op.dtype, device=op.device)  # (C S)ᵀ, (k, P)
-        for start, _, products in _products(op, k, batch, lambda a, b: _rademacher(generator, b - a, op), bar):
+        for start, _, products in _products(op, k, batch, lambda a, b: _signs(generator, b - a, op), bar):
             sketch[start:start + products.shape[0]] = products
         Q = torch.linalg.qr(sketch.T).Q.T.contiguous()  # (q, P): orthonormal rows spanning C S
         top = sum(float((rows * products).sum(dtype=torch.float64))
                   for _, rows, products in _products(op, q, batch, lambda a, b: Q[a:b], bar))
 
         def deflated(rows: int) -> torch.Tensor:
-            G = _rademacher(generator, rows, op)  # (b, P)
+            G = _signs(generator, rows, op)  # (b, P)
             return G - (G @ Q.T) @ Q  # rows of (I − QQᵀ) G
 
         terms = _hutchinson_terms(op, g, batch, deflated, bar)
@@ -203,21 +202,6 @@ def _hutchinson_terms(op, count: int, batch: int, probes: Callable[[int], torch.
                       for _, rows, products in _products(op, count, batch, lambda a, b: probes(b - a), bar)])
 
 
-def _exact_diagonal(op, batch: int, bar) -> torch.Tensor:
-    """``(P,)`` diagonal from the products with the identity's rows, ``batch`` rows at a time."""
-    P = op.shape[0]
-    diag = torch.empty(P, dtype=op.dtype, device=op.device)
-
-    def identity_rows(start: int, stop: int) -> torch.Tensor:
-        rows = torch.zeros(stop - start, P, dtype=op.dtype, device=op.device)
-        rows[:, start:stop].fill_diagonal_(1)
-        return rows
-
-    for start, _, products in _products(op, P, batch, identity_rows, bar):
-        diag[start:start + products.shape[0]] = products[:, start:start + products.shape[0]].diagonal()
-    return diag
-
-
 def _products(op, count: int, batch: int, rows_of: Callable[[int, int], torch.Tensor],
               bar) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(start, V, V C)`` for ``count`` directions in blocks of at most ``batch``; ``V = rows_of(start, stop)``."""
@@ -227,10 +211,9 @@ def _products(op, count: int, batch: int, rows_of: Callable[[int, int], torch.Te
         bar.update()
 
 
-def _rademacher(generator: torch.Generator, rows: int, op) -> torch.Tensor:
-    """``(rows, P)`` independent ±1 entries, drawn on the CPU in float64, on ``op``'s device and dtype."""
-    signs = torch.randint(0, 2, (rows, op.shape[0]), generator=generator, dtype=torch.float64).mul_(2).sub_(1)
-    return signs.to(device=op.device, dtype=op.dtype)
+def _signs(generator: torch.Generator, rows: int, op) -> torch.Tensor:
+    """``(rows, P)`` Rademacher probes on ``op``'s device and dtype."""
+    return rademacher(generator, rows, op.shape[0], op.dtype, op.device)
 
 
 def _mean_and_std_error(terms: torch.Tensor) -> tuple[float, float]:
