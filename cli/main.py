@@ -1,79 +1,467 @@
-"""``curvlab``: parse the command line, run the library, write the report, map errors to exit codes.
+"""``curvlab``: parse the command line, load the model and data safely, run the library, write the report.
 
-Exit status: 0 on success; 2 when curvlab refuses the request (invalid input, a report directory
-that would be overwritten) or click rejects the arguments; 1 when the report cannot be written
-(an operating-system error); 130 when interrupted, in which case no report is written.
+Exit status: 0 success; 2 bad input (an unreadable or unknown file, a pickle without --trust-code,
+data that do not fit the model or the loss, an unknown option value, a report directory that would
+be overwritten); 3 refused for resources (a dense analysis over the memory budget, or out of
+memory); 130 interrupted, in which case no report is written; 1 an unexpected internal error (its
+traceback with --debug) or a report that the operating system would not let be written. Every
+error is one line on stderr.
+
+The commands share their options through the decorators :func:`model_options` (what to study) and
+:func:`output_options` (where the report goes), and their run through :func:`run_report`, which
+loads the problem with :func:`load_problem`, calls the analysis and writes the report.
 """
 
+import dataclasses
+import re
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+LOSSES = ("cross_entropy", "mse", "bce")
 DTYPES = ("float32", "float64")
+EXIT_BAD_INPUT, EXIT_RESOURCES, EXIT_INTERRUPTED, EXIT_INTERNAL = 2, 3, 130, 1
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Names(click.ParamType):
+    """A comma-separated list of distinct names among those of ``source``; ``all`` for every one.
+
+    ``source`` and ``default`` are ``"module:attribute"`` of a tuple of names or of a function returning
+    one (e.g. ``"curvlab:KINDS"``); ``default`` applies when the option is not given. Both are looked up
+    only when needed: loading torch is slow, and --help/--version do not need it.
+    """
+
+    name = "names"
+
+    def __init__(self, source: str, default: str, allow_none: bool = False):
+        self.source, self.default, self.allow_none = source, default, allow_none
+
+    def choices(self) -> tuple[str, ...]:
+        return _names(self.source)
+
+    def defaults(self) -> tuple[str, ...]:
+        return _names(self.default)
+
+    def convert(self, value, param, ctx) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        choices = self.choices()
+        if names == ["all"]:
+            return choices
+        if names == ["none"] and self.allow_none:
+            return ()
+        valid = ", ".join(choices) + " (or all" + (", none)" if self.allow_none else ")")
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            self.fail(f"unknown name(s) {', '.join(map(repr, unknown)) or repr(value)}; choose among {valid}",
+                      param, ctx)
+        if len(set(names)) != len(names):
+            self.fail(f"{value!r} names one more than once", param, ctx)
+        return tuple(names)
+
+
+def _names(reference: str) -> tuple[str, ...]:
+    import importlib
+
+    module, _, attribute = reference.partition(":")
+    names = getattr(importlib.import_module(module), attribute)
+    return tuple(names() if callable(names) else names)
+
+
+class NamesOption(click.Option):
+    """An option of :class:`Names` whose help lists the default and valid names (looked up only for help)."""
+
+    def get_help_record(self, ctx):
+        flags, text = super().get_help_record(ctx)
+        return flags, (f"{text} Default: {', '.join(self.type.defaults())}. "
+                       f"Choices: {', '.join(self.type.choices())}, all{', none' if self.type.allow_none else ''}.")
+
+
+class Group(click.Group):
+    """A click group whose usage errors are one line, ``Error: ...`` on stderr, exit status 2."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            status = super().main(*args, **kwargs)
+        except click.ClickException as err:
+            command = f" {err.ctx.info_name}" if getattr(err, "ctx", None) and err.ctx.parent else ""
+            fail(f"{err.format_message()} (see curvlab{command} --help)", EXIT_BAD_INPUT)
+        except click.Abort:
+            click.echo("Interrupted: no report was written.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@dataclasses.dataclass
+class Study:
+    """A loaded :class:`curvlab.Problem` and the facts its report states first."""
+
+    problem: object
+    context: dict
+
+
+def model_options(command: Callable) -> Callable:
+    """The MODEL argument and the options that say what is studied and how (shared by every command)."""
+    decorators = [
+        click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path)),
+        click.option("--data", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Inputs and targets: a .pt file holding {'inputs': X, 'targets': y} (X may be a dict of "
+                          "tensors) or an .npz with the same keys. Default: the data in a curvlab bundle."),
+        click.option("--loss", type=click.Choice(LOSSES),
+                     help="Default: the bundle's loss; else cross_entropy for integer targets."),
+        click.option("--reduction", type=click.Choice(("mean", "sum")),
+                     help="How the loss sums over examples. Default: the bundle's, else mean."),
+        click.option("--params", metavar="REGEX",
+                     help="Study only the parameters whose names match REGEX (default: all trainable)."),
+        click.option("--max-examples", type=click.IntRange(min=1), metavar="N",
+                     help="Use the first N examples of the data."),
+        click.option("--batch-size", type=click.IntRange(min=1), metavar="N",
+                     help="Pass the data through the model N examples at a time (the results do not depend "
+                          "on it; the memory does)."),
+        click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True),
+        click.option("--dtype", type=click.Choice(DTYPES),
+                     help="Default: float64 when a dense curvature matrix fits in the memory budget, else "
+                          "float32. Eigenvalues of dense matrices are always computed in float64."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seeds the built-in model's training, the Monte-Carlo labels and every estimator."),
+        click.option("--trust-code", is_flag=True,
+                     help="Allow a pickled nn.Module (torch.save(model)); unpickling runs code named in the file."),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+def curvature_option(command: Callable) -> Callable:
+    """``--curvature KINDS`` and ``--dense``."""
+    command = click.option("--dense", is_flag=True,
+                           help="Require the exact dense analysis: refuse (exit 3) when a dense matrix exceeds the "
+                                "memory budget instead of estimating it matrix-free.")(command)
+    kinds = Names("curvlab:KINDS", "curvlab.compare:DEFAULT_KINDS")
+    return click.option("--curvature", "kinds", cls=NamesOption, type=kinds, metavar="KINDS",
+                        help="Comma-separated curvature matrices.")(command)
+
+
+def optimizers_option(command: Callable) -> Callable:
+    """``--optimizers NAMES``."""
+    names = Names("curvlab.optim:names", "curvlab.compare:DEFAULT_OPTIMIZERS", allow_none=True)
+    return click.option("--optimizers", cls=NamesOption, type=names, metavar="NAMES",
+                        help="Comma-separated optimizers whose steps are compared with the exact natural-gradient "
+                             "and Newton steps.")(command)
+
+
+def output_options(command: Callable) -> Callable:
+    """``--out``, ``--force``, ``--quiet`` and ``--debug`` (shared by every command)."""
+    decorators = [
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Report directory: index.html, results.json and one CSV per table. "
+                          "Default: reports/<model name>."),
+        click.option("--force", is_flag=True,
+                     help="Replace a previous report in --out (a directory with other files is never replaced)."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--debug", is_flag=True, help="Show the traceback of an internal error."),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="Exit status: 0 success, 2 bad input, 3 refused for resources, 130 interrupted, "
+                    "1 internal error.")
 @click.version_option(package_name="curvlab", prog_name="curvlab")
 def cli() -> None:
-    """Exact curvature matrices (Hessian, GGN, Fisher, ...) of PyTorch models.
+    """Exact curvature matrices (Hessian, GGN, Fisher, ...) of PyTorch models, their approximations,
+    and a self-contained HTML report.
+
+    MODEL is a torch.export archive (torch.export.save), a curvlab bundle (curvlab.save: the exported
+    model, example data and the loss), or, with --trust-code, a pickled nn.Module. Without MODEL the
+    built-in model (an MLP trained on MNIST-1D, generated locally) is studied.
 
     \b
-    Example: compare the curvature matrices of the built-in MNIST-1D model
+    Examples:
       $ curvlab compare --out reports/default --force
       reports/default/index.html
+      $ python examples/export_models.py      # models and reports under examples/output/
+      $ curvlab compare examples/output/models/mlp.pt --curvature hessian,ggn --approximations kfac,diag
+      reports/mlp/index.html
+      $ curvlab compare model.pt2 --data data.pt --loss mse --params 'fc2\\.' --batch-size 256
+      $ curvlab spectrum model.pt2 --data data.npz --curvature ggn --dtype float32 --quiet
+      $ curvlab steps model.pt2 --data data.pt --optimizers sgd,adam,kfac,shampoo
     """
 
 
-@cli.command(epilog="Exit status: 0 success, 2 invalid request, 1 I/O failure, 130 interrupted.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/default"),
-              show_default=True, help="Directory of the report (index.html and results.json).")
-@click.option("--force", is_flag=True,
-              help="Replace a previous report in --out (a directory with other files is never replaced).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the training of the model and the labels of the Monte-Carlo Fisher.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Device of the analysis (training always runs on the CPU).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float64", show_default=True,
-              help="Floating-point type of the analysis; eigenvalues are always computed in float64.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def compare(out: Path, force: bool, seed: int, device: str, dtype: str, quiet: bool) -> None:
-    """Compare every exact curvature matrix of the built-in model.
+@cli.command(epilog="Exit status: 0 success, 2 bad input, 3 refused for resources, 130 interrupted, 1 internal "
+                    "error.")
+@model_options
+@curvature_option
+@click.option("--approximations", cls=NamesOption, metavar="KINDS",
+              type=Names("curvlab:APPROXIMATIONS", "curvlab.compare:DEFAULT_APPROXIMATIONS", allow_none=True),
+              help="Comma-separated structured approximations, each measured against the curvature it stands for.")
+@optimizers_option
+@output_options
+def compare(**options) -> None:
+    """Spectra of the exact curvature matrices and the errors of their approximations, as a report.
 
-    The built-in model is a small MLP (40-32-32-10, 2698 parameters) trained for a few seconds on
-    MNIST-1D, which is generated locally. For each of the Hessian, |Hessian|, GGN, Monte-Carlo
-    Fisher and empirical Fisher on 512 held-out examples, the report gives the trace, the extreme
-    eigenvalues, the number of negative ones and the time taken, and plots every eigenvalue.
+    MODEL: a torch.export archive, a curvlab bundle, or (--trust-code) a pickled nn.Module; without
+    it, the built-in model. For each curvature matrix: trace, extreme eigenvalues, negative and zero
+    counts, condition numbers, the spectral density and per-layer spectra: exact from the dense
+    matrix when it fits in the memory budget, estimated matrix-free otherwise (Lanczos, Hutch++,
+    stochastic Lanczos quadrature). For each approximation: its errors against the exact matrix it
+    stands for. For each optimizer: its one-shot step P⁻¹g against the exact damped natural-gradient
+    and Newton steps (cosines, quadratic-model decrease, loss change, preconditioned sharpness).
+
+    \b
+    Examples:
+      $ curvlab compare --out reports/seed1 --seed 1
+      reports/seed1/index.html
+      $ curvlab compare model.pt2 --data data.pt --curvature hessian,ggn --approximations kfac,ekfac
+      reports/model/index.html
+      $ curvlab compare model.pt2 --data data.pt --optimizers adam,kfac,shampoo
+    """
+    kinds, approximations = options.pop("kinds"), options.pop("approximations")
+    optimizers = options.pop("optimizers")
+    run_report(options, "", lambda study, progress: _compare(study, kinds, approximations, optimizers, {}, options,
+                                                             progress))
+
+
+@cli.command(epilog="Exit status: 0 success, 2 bad input, 3 refused for resources, 130 interrupted, 1 internal "
+                    "error.")
+@model_options
+@curvature_option
+@output_options
+def spectrum(**options) -> None:
+    """The spectra alone: the curvature matrices of compare, without approximations.
 
     \b
     Example:
-      $ curvlab compare --out reports/seed1 --seed 1
-      reports/seed1/index.html
+      $ curvlab spectrum model.pt2 --data data.pt --curvature hessian,ggn
+      reports/model-spectrum/index.html
     """
-    # Imported here so that --help and --version answer without loading torch.
+    kinds = options.pop("kinds")
+    run_report(options, "-spectrum", lambda study, progress: _compare(study, kinds, (), (), {}, options, progress))
+
+
+@cli.command(epilog="Exit status: 0 success, 2 bad input, 3 refused for resources, 130 interrupted, 1 internal "
+                    "error.")
+@model_options
+@optimizers_option
+@click.option("--mode", type=click.Choice(("one_shot", "trajectory")), default="one_shot", show_default=True,
+              help="one_shot: each optimizer's direction P⁻¹g with its state built on the data; trajectory: each "
+                   "trains a copy of the model for --steps steps and its applied steps are measured.")
+@click.option("--steps", "trajectory_steps", type=click.IntRange(min=1), default=10, show_default=True, metavar="T",
+              help="Training steps of the trajectory mode.")
+@click.option("--reference", type=click.Choice(("natural_gradient", "newton_abs", "newton")),
+              default="natural_gradient", show_default=True,
+              help="The exact step that norm ratios and quadratic-decrease ratios divide by.")
+@click.option("--damping", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="λ of the exact reference steps (C + λI)⁻¹g.")
+@output_options
+def steps(**options) -> None:
+    """The optimizer steps alone: each optimizer's step against the exact natural-gradient and Newton steps.
+
+    Also gives the spectra of the Hessian and the GGN, the matrices the reference steps use.
+
+    \b
+    Examples:
+      $ curvlab steps --optimizers sgd,adam,kfac,shampoo
+      reports/default-steps/index.html
+      $ curvlab steps model.pt2 --data data.pt --mode trajectory --steps 20 --optimizers adam,kfac
+    """
+    optimizers = options.pop("optimizers")
+    step_options = {"mode": options.pop("mode"), "steps": options.pop("trajectory_steps"),
+                    "reference": options.pop("reference"), "damping": options.pop("damping")}
+    run_report(options, "-steps", lambda study, progress: _compare(study, ("hessian", "ggn"), (), optimizers,
+                                                                   step_options, options, progress))
+
+
+def _compare(study: Study, kinds, approximations, optimizers, step_options: dict, options: dict, progress: bool):
+    from curvlab.compare import compare as run_compare
+
+    if options.get("dense"):
+        require_dense(study.problem)
+    return run_compare(study.problem, kinds=kinds, seed=options["seed"], approximations=approximations,
+                       optimizers=optimizers, step_options=step_options, context=study.context, progress=progress)
+
+
+def run_report(options: dict, suffix: str, analyse: Callable) -> None:
+    """Load the problem, ``analyse(study, progress)`` it into a Comparison and write its report; map errors to exits.
+
+    The report directory (``--out``, default ``reports/<model name><suffix>``) is checked before any
+    work, and written complete or not at all.
+    """
     import torch
 
-    from curvlab.compare import compare as run_compare
-    from curvlab.errors import CurvlabError
+    from curvlab.errors import CurvlabError, DenseTooLarge
     from curvlab.report import check_target
-    from curvlab.zoo import default_problem
 
     try:
+        quiet, force = options["quiet"], options["force"]
+        out = options["out"] or Path("reports") / f"{model_name(options['model'])}{suffix}"
         check_target(out, force)
-        builtin = default_problem(seed, dtype=getattr(torch, dtype), device=device, progress=not quiet)
-        result = run_compare(builtin.problem, seed=seed, context=builtin.facts, progress=not quiet)
-        index = result.to_html(out, force=force)
-    except CurvlabError as err:
-        fail(err, 2)
-    except OSError as err:
-        fail(err, 1)
+        result = analyse(load_problem(options), not quiet)
+        result.provenance["options"] = {key: str(value) if isinstance(value, Path) else value
+                                        for key, value in options.items()
+                                        if value is not None and value is not False}
+        index = result.to_html(out, force=force, progress=not quiet)
     except KeyboardInterrupt:
         click.echo("Interrupted: no report was written.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except DenseTooLarge as err:
+        fail(err, EXIT_RESOURCES)
+    except CurvlabError as err:
+        fail(err, EXIT_BAD_INPUT)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        fail(f"out of memory ({err}); try --dtype float32, --params, fewer --max-examples or a smaller "
+             f"--batch-size", EXIT_RESOURCES)
+    except OSError as err:
+        fail(f"the report could not be written: {err}", EXIT_INTERNAL)
+    except Exception as err:
+        if options["debug"]:
+            traceback.print_exc()
+        hint = "the traceback is above" if options["debug"] else "run with --debug for the traceback"
+        fail(f"internal error: {type(err).__name__}: {err} ({hint})", EXIT_INTERNAL)
     click.echo(str(index))
 
 
-def fail(err: Exception, status: int) -> None:
+def model_name(model: Path | None) -> str:
+    """The name of the default report directory: ``default`` for the built-in model, else the file's stem."""
+    return "default" if model is None else model.stem
+
+
+def load_problem(options: dict) -> Study:
+    """The :class:`curvlab.Problem` that ``options`` (those of :func:`model_options`) describe, with its facts.
+
+    Raises:
+        InvalidProblem: unreadable or unsafe files, missing data, data that do not fit the model or loss.
+    """
+    import torch
+
+    import curvlab
+    import curvlab.zoo
+    from curvlab.errors import InvalidProblem
+
+    device = torch.device(options["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidProblem("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    dtype = getattr(torch, options["dtype"]) if options["dtype"] else None
+    if options["model"] is None:
+        if options["data"] is not None:
+            raise InvalidProblem("--data needs a MODEL file: the built-in model comes with its own data (MNIST-1D)")
+        extra = {} if options["max_examples"] is None else {"analysis_examples": options["max_examples"]}
+        builtin = curvlab.zoo.default_problem(options["seed"], dtype=dtype or torch.float64, device=device,
+                                              progress=not options["quiet"], **extra)
+        if all(options[key] is None for key in ("loss", "reduction", "params", "batch_size")):
+            return Study(builtin.problem, dict(builtin.facts))
+        batches = [(X, y) for _, X, y in builtin.problem.batches()]
+        model, (X, y) = builtin.problem.model, _joined(batches)
+        loss, reduction = options["loss"] or "cross_entropy", options["reduction"] or "mean"
+        context = dict(builtin.facts)
+    else:
+        loaded = curvlab.load(options["model"], trust_code=options["trust_code"])
+        if options["data"] is not None:
+            X, y = curvlab.io.load_data(options["data"])
+            source = str(options["data"])
+        elif loaded.data is not None:
+            (X, y), source = loaded.data, f"stored in {options['model'].name}"
+        else:
+            raise InvalidProblem(f"{options['model']} ({loaded.format}) holds no data: pass --data FILE, a .pt file "
+                                 f"holding {{'inputs': X, 'targets': y}} or an .npz with the same keys")
+        loss = options["loss"] or loaded.loss or _loss_for(y)
+        reduction = options["reduction"] or loaded.reduction or "mean"
+        model = loaded.model
+        dtype = dtype or _dtype_for(model, options["params"], device)
+        model = model.to(device=device, dtype=dtype)
+        count = sum(p.numel() for p in model.parameters())
+        context = {"model": f"{options['model'].name} ({loaded.format}), {count:,} parameters",
+                   "data": f"{source}: {_describe(X, y)}"}
+        if loaded.notes:
+            context["loading"] = "; ".join(loaded.notes)
+    if options["max_examples"] is not None and options["model"] is not None:
+        X, y = _first(X, options["max_examples"]), y[:options["max_examples"]]
+    batches = _split(X, y, options["batch_size"])
+    if options["params"] is not None:
+        context["parameter selection"] = f"names matching {options['params']!r}"
+    if options["batch_size"] is not None:
+        context["batches"] = f"{len(batches)} of at most {options['batch_size']} examples"
+    problem = curvlab.Problem(model, batches, loss=loss, params=options["params"], reduction=reduction)
+    return Study(problem, context)
+
+
+def require_dense(problem) -> None:
+    """Refuse with :class:`curvlab.DenseTooLarge` when a dense ``(P, P)`` matrix of ``problem`` exceeds the budget."""
+    from curvlab.errors import DenseTooLarge
+    from curvlab.memory import check_dense, dense_budget
+
+    P = problem.num_params
+    try:
+        check_dense(P, P, problem.dtype, problem.device, "curvature matrix")
+    except DenseTooLarge:
+        need = P * P * problem.dtype.itemsize
+        raise DenseTooLarge(
+            f"--dense: each dense {P}×{P} curvature matrix needs {need / 2**30:.3g} GiB, over the memory budget of "
+            f"{dense_budget(problem.device) / 2**30:.3g} GiB on {problem.device}; run without --dense for the "
+            f"matrix-free analysis (Lanczos eigenvalues, Hutch++ traces, SLQ densities), study fewer parameters "
+            f"with --params, or raise the budget with CURVLAB_DENSE_BUDGET (bytes)") from None
+
+
+def _loss_for(targets):
+    from curvlab.errors import InvalidProblem
+
+    if not targets.is_floating_point():
+        return "cross_entropy"
+    raise InvalidProblem("the targets are floating point and the model file names no loss: pass --loss mse "
+                         "(regression) or --loss bce (0/1 labels per output)")
+
+
+def _dtype_for(model, params: str | None, device):
+    """float64 when a dense matrix of the studied parameters fits in the memory budget, else float32."""
+    import torch
+
+    from curvlab.memory import dense_budget
+
+    try:
+        pattern = re.compile(params) if params is not None else None
+    except re.error:
+        pattern = None  # Problem reports the invalid expression
+    P = sum(p.numel() for name, p in model.named_parameters()
+            if p.requires_grad and (pattern is None or pattern.search(name)))
+    return torch.float64 if P * P * 8 <= dense_budget(device) else torch.float32
+
+
+def _describe(X, y) -> str:
+    inputs = (", ".join(f"{key} {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+                        for key, value in X.items()) if isinstance(X, dict)
+              else f"{tuple(X.shape)} {str(X.dtype).removeprefix('torch.')}")
+    return f"{len(y)} examples; inputs {inputs}; targets {tuple(y.shape)} {str(y.dtype).removeprefix('torch.')}"
+
+
+def _first(X, count: int):
+    return {key: value[:count] for key, value in X.items()} if isinstance(X, dict) else X[:count]
+
+
+def _joined(batches: list) -> tuple:
+    import torch
+
+    inputs = [X for X, _ in batches]
+    X = ({key: torch.cat([x[key] for x in inputs]) for key in inputs[0]} if isinstance(inputs[0], dict)
+         else torch.cat(inputs))
+    return X, torch.cat([y for _, y in batches])
+
+
+def _split(X, y, size: int | None) -> list:
+    if size is None:
+        return [(X, y)]
+    return [({key: value[start:start + size] for key, value in X.items()} if isinstance(X, dict)
+             else X[start:start + size], y[start:start + size]) for start in range(0, len(y), size)]
+
+
+def fail(err, status: int) -> None:
     """Print ``Error: <message>`` on one line to stderr and exit with ``status``."""
     message = " ".join(str(err).split()) or type(err).__name__
     click.echo(f"Error: {message}", err=True)

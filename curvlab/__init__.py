@@ -3,11 +3,14 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from curvlab.approx import APPROXIMATIONS, Approximation, approximate
+from curvlab import optim
 from curvlab.compare import Comparison, compare
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem
+from curvlab.io import load, save
 from curvlab.metrics import approximation_error
 from curvlab.operators import KINDS, curvature
 from curvlab.problem import Problem
+from curvlab.steps import CapturedStep, capture_step, compare_steps
 from curvlab.spectra import (DiagonalEstimate, SpectralSummary, Spectrum, TraceEstimate, block_spectra,
                              eigenspace_overlap, spectral_summary, spectrum, trace)
 
@@ -16,7 +19,8 @@ try:
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
-__all__ = ["APPROXIMATIONS", "KINDS", "Approximation", "Comparison", "CurvlabError", "DenseTooLarge",
+__all__ = ["APPROXIMATIONS", "KINDS", "Approximation", "CapturedStep", "Comparison", "CurvlabError", "DenseTooLarge",
            "DiagonalEstimate", "InvalidProblem", "Problem", "SpectralSummary", "Spectrum", "TraceEstimate",
-           "approximate", "approximation_error", "block_spectra", "compare", "curvature", "eigenspace_overlap",
+           "approximate", "approximation_error", "block_spectra", "capture_step", "compare",
+           "compare_steps", "curvature", "eigenspace_overlap", "load", "optim", "save",
            "spectral_summary", "spectrum", "trace", "__version__"]

@@ -26,7 +26,7 @@ import torch
 from scipy.stats import wasserstein_distance
 from tqdm.auto import tqdm
 
-from curvlab import report
+from curvlab import optim, report, step_figures
 from curvlab.approx import APPROXIMATIONS, approximate, options_of
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem, require_integer
 from curvlab.metrics import approximation_error
@@ -34,6 +34,7 @@ from curvlab.operators import KINDS, AbsHessian, DenseMatrix, curvature
 from curvlab.problem import Problem
 from curvlab.spectra import Spectrum, spectral_summary, spectrum, trace
 from curvlab.spectra.blocks import blocks_of
+from curvlab.steps import compare_steps
 
 #: The kinds :func:`compare` studies by default: every exact kind except ``fisher``, which equals ``ggn``.
 DEFAULT_KINDS = ("hessian", "abs_hessian", "ggn", "fisher_mc", "empirical_fisher")
@@ -44,6 +45,9 @@ FORMAT = "curvlab.compare/2"
 #: others are available through ``approximations=``; Shampoo's target, the gradient second moment, has
 #: the rank of the number of batches, which for one analysis batch makes the comparison degenerate.
 DEFAULT_APPROXIMATIONS = ("diag", "kfac", "ekfac", "foof")
+
+#: The optimizers whose one-shot steps :func:`compare` measures by default: all of them.
+DEFAULT_OPTIMIZERS = tuple(optim.names())
 
 #: Options of the approximations in :func:`compare` (the others use their builders' defaults).
 APPROXIMATION_OPTIONS = {"diag_hutchinson": {"samples": 10}, "lowrank": {"k": 20, "unconverged": "warn"},
@@ -124,6 +128,34 @@ COLUMNS = {
         "rel_fro_scaled": {"meaning": "min_α ‖αA_mm − C_mm‖_F / ‖C_mm‖_F over the module's diagonal block"},
         "cos_fro": {"meaning": "⟨A_mm, C_mm⟩_F / (‖A_mm‖_F ‖C_mm‖_F)"},
     },
+    "steps": {
+        "optimizer": {"meaning": "the optimizer (curvlab.optim.names())"},
+        "block": {"meaning": "'all' (the whole model) or the module whose entries the row restricts to"},
+        "mode": {"meaning": "'one_shot' (P⁻¹g, state built on the data) or 'trajectory' (applied step)"},
+        "step": {"meaning": "the training step measured (trajectory mode; 0 in one-shot mode)"},
+        "lr": {"meaning": "learning rate η of the optimizer"},
+        "cos_natural_gradient": {"meaning": "cos(d, (G + λI)⁻¹g), G the GGN"},
+        "cos_newton_abs": {"meaning": "cos(d, (|H| + λI)⁻¹g)"},
+        "cos_newton": {"meaning": "cos(d, (H + λI)⁻¹g); missing where H + λI is not positive definite"},
+        "norm_ratio": {"meaning": "‖d‖ / ‖d_ref‖ for the reference step"},
+        "alpha_star": {"meaning": "α* = gᵀd / dᵀHd, the best scalar step of the quadratic model"},
+        "quadratic_decrease": {"meaning": "(gᵀd)² / (2dᵀHd): the exact quadratic model's decrease at α* (inf where "
+                                          "dᵀHd ≤ 0)", "unit": "loss"},
+        "reference_quadratic_decrease": {"meaning": "the same for the reference step", "unit": "loss"},
+        "quadratic_decrease_ratio": {"meaning": "quadratic_decrease / reference_quadratic_decrease (missing where "
+                                                "either is infinite)"},
+        "newton_positive_definite": {"meaning": "whether H + λI is positive definite"},
+        "line_search_alpha": {"meaning": "step size α chosen by the line search along −d"},
+        "loss_change": {"meaning": "L(θ − αd) − L(θ) on all the data", "unit": "loss"},
+        "sharpness": {"meaning": "λ_max(P⁻¹H), the preconditioned sharpness"},
+        "sharpness_method": {"meaning": "how the sharpness was computed, or why it is missing"},
+        "threshold_2_over_lr": {"meaning": "2/η, the stability threshold of plain gradient descent"},
+        "stability_threshold": {"meaning": "the method's threshold with its momentum: (2 + 2μ)/η heavy ball, "
+                                           "(2 + 2β₁)/((1 − β₁)η) for an EMA (38/η at β₁ = 0.9)"},
+        "reference": {"meaning": "the reference step of norm_ratio and quadratic_decrease_ratio"},
+        "damping": {"meaning": "λ of the reference steps"},
+        "exact": {"meaning": "'dense' or 'matrix-free': how the exact steps were solved"},
+    },
     "layers": {
         "kind": {"meaning": "curvature matrix C"},
         "layer": {"meaning": "module owning the block's parameters"},
@@ -146,7 +178,8 @@ class Comparison:
         tables: ``"summary"`` (the problem), ``"parameters"`` (one row per studied parameter),
             ``"spectra"`` (one row per curvature kind), ``"top_eigenvalues"``, ``"layers"`` (one row
             per kind and layer), ``"approximations"`` (one row per approximation, its whole-model
-            errors) and ``"approximation_modules"`` (per approximation and module) as pandas DataFrames.
+            errors), ``"approximation_modules"`` (per approximation and module) and ``"steps"`` (per
+            optimizer and module, :func:`curvlab.compare_steps`) as pandas DataFrames.
         eigenvalues: kind -> ascending float64 eigenvalues, for every kind whose dense matrix fitted.
         approximation_spectra: approximation -> ``{"curvature": kind, "eigenvalues": …, "exact": …}``, the
             ascending float64 eigenvalues of its dense matrix and of the exact one, where both fitted.
@@ -214,30 +247,39 @@ class Comparison:
         """Read a ``results.json`` written by :meth:`to_html`."""
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
-    def to_html(self, directory: str | Path, force: bool = False) -> Path:
-        """Write ``directory/index.html`` (self-contained) and ``directory/results.json``.
+    def to_html(self, directory: str | Path, force: bool = False, progress: bool = False) -> Path:
+        """Write ``directory/index.html`` (self-contained), ``directory/results.json`` and one CSV per table.
 
         The directory appears complete or not at all; an existing non-empty one is replaced only
-        with ``force=True`` (otherwise :class:`curvlab.report.ReportExists`). Returns the path of
-        ``index.html``.
+        with ``force=True`` (otherwise :class:`curvlab.report.ReportExists`). ``progress`` shows a bar
+        over the figures (stderr). Returns the path of ``index.html``.
         """
         report.check_target(directory, force)
         results = self.to_dict()
-        figures = {"spectra": report.spectrum_figure(self.eigenvalues)} if self.eigenvalues else {}
-        if self.densities:
-            figures["densities"] = report.density_figure(self.densities, self.eigenvalues)
-        if "approximation_modules" in self.tables and len(self.tables["approximation_modules"]):
-            figures["approximation_heatmap"] = report.error_heatmap(self.tables["approximation_modules"])
-        if self.approximation_spectra:
-            figures["approximation_spectra"] = report.kept_eigenvalues_figure(self.approximation_spectra)
+        modules = self.tables.get("approximation_modules")
+        steps = self.tables.get("steps")
+        has_steps = steps is not None and not steps.empty
+        drawings = [(name, draw) for name, draw, wanted in (
+            ("spectra", lambda: report.spectrum_figure(self.eigenvalues), self.eigenvalues),
+            ("densities", lambda: report.density_figure(self.densities, self.eigenvalues), self.densities),
+            ("approximation_heatmap", lambda: report.error_heatmap(modules), modules is not None and len(modules)),
+            ("approximation_spectra", lambda: report.kept_eigenvalues_figure(self.approximation_spectra),
+             self.approximation_spectra),
+            ("step_cosines", lambda: step_figures.cosine_bars(steps), has_steps),
+            ("step_cosine_heatmap", lambda: step_figures.cosine_heatmap(steps), has_steps),
+            ("step_loss_change", lambda: step_figures.loss_change_figure(steps), has_steps),
+            ("step_sharpness", lambda: step_figures.sharpness_figure(steps), has_steps)) if wanted]
+        figures = {name: draw() for name, draw in tqdm(drawings, desc="figures", unit="figure", disable=not progress,
+                                                      file=sys.stderr)}
         html = report.render_html(results, self.tables, figures)
-        target = report.write_report(directory, {"index.html": html, "results.json": report.to_json(results)},
-                                     force=force)
+        contents = {"index.html": html, "results.json": report.to_json(results)} | report.table_csvs(self.tables)
+        target = report.write_report(directory, contents, force=force)
         return target / "index.html"
 
 
 def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *, mc_samples: int = 1,
             k: int = 10, probes: int = 10, steps: int = 80, approximations: Sequence[str] | None = None,
+            optimizers: Sequence[str] | None = None, step_options: Mapping[str, object] | None = None,
             context: Mapping[str, object] | None = None, progress: bool = True) -> Comparison:
     """The spectra of the exact curvature matrices of ``prob``: dense within the memory budget, else estimated.
 
@@ -250,6 +292,11 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
         probes, steps: of the SLQ density of every kind.
         approximations: structured approximations to measure against the curvature each stands for
             (see :func:`curvlab.approximate`); default :data:`DEFAULT_APPROXIMATIONS`, ``()`` for none.
+        optimizers: optimizers whose one-shot steps are measured against the exact natural-gradient and
+            Newton steps (see :func:`curvlab.compare_steps`, damping :data:`DAMPING`, per module too);
+            default :data:`DEFAULT_OPTIMIZERS`, ``()`` for none.
+        step_options: further arguments of :func:`curvlab.compare_steps` (``mode``, ``steps``, ``at``,
+            ``reference``, ``damping``, ``lr``, ``hyperparameters``).
         context: facts about the problem shown first in the summary (e.g. how the model was trained).
         progress: show progress bars (stderr).
 
@@ -261,7 +308,7 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
         >>> model = torch.nn.Linear(3, 2).double()
         >>> prob = curvlab.Problem(model, (torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1] * 3)))
         >>> result = compare(prob, kinds=["hessian", "ggn"], probes=2, steps=5, approximations=["kfac"],
-        ...                  progress=False)
+        ...                  optimizers=["adam", "kfac"], progress=False)
         >>> result.tables["spectra"]["kind"].tolist()
         ['hessian', 'ggn']
     """
@@ -273,8 +320,13 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
     names = list(DEFAULT_APPROXIMATIONS if approximations is None else approximations)
     if any(name not in APPROXIMATIONS for name in names) or len(set(names)) != len(names):
         raise InvalidProblem(f"approximations must be distinct names among {', '.join(APPROXIMATIONS)}; got {names}")
+    optimizer_names = list(DEFAULT_OPTIMIZERS if optimizers is None else optimizers)
+    if any(name not in optim.names() for name in optimizer_names) or len(set(optimizer_names)) != len(optimizer_names):
+        raise InvalidProblem(f"optimizers must be distinct names among {', '.join(optim.names())}; "
+                             f"got {optimizer_names}")
     require_integer("probes", probes)
     require_integer("steps", steps, minimum=2)
+    start = time.perf_counter()
     operators = {kind: curvature(prob, kind, mc_samples=mc_samples, seed=seed) for kind in kinds}
     rows, tops, layers, eigenvalues, densities, matrices, remarks = [], [], [], {}, {}, {}, []
     bar = tqdm(kinds, desc="curvature", unit="matrix", disable=not progress, file=sys.stderr)
@@ -298,21 +350,27 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
         remarks += [f"{kind}: {remark}" for remark in analysis.remarks]
     measured = _approximations(prob, names, matrices, eigenvalues, seed, mc_samples, progress)
     remarks += measured.remarks
-    tables = {"summary": _summary_table(prob, seed, mc_samples, context or {}),
+    step_arguments = {"damping": DAMPING, "per_block": True} | dict(step_options or {})
+    step_table = (compare_steps(prob, optimizer_names, seed=seed, progress=progress, **step_arguments)
+                  if optimizer_names else pd.DataFrame(columns=list(COLUMNS["steps"])))
+    seconds = time.perf_counter() - start
+    tables = {"summary": _summary_table(prob, seed, mc_samples, context or {}, seconds),
               "parameters": _parameter_table(prob),
               "spectra": _frame(rows, "spectra", {"negative": "Int64", "zero": "Int64", "products": "Int64"}),
               "top_eigenvalues": _frame(tops, "top_eigenvalues", {"rank": "int64", "converged": "bool"}),
               "layers": _frame(layers, "layers", {"parameters": "int64", "negative": "Int64"}),
               "approximations": _frame(measured.rows, "approximations", {}),
-              "approximation_modules": _frame(measured.modules, "approximation_modules", {})}
+              "approximation_modules": _frame(measured.modules, "approximation_modules", {}),
+              "steps": step_table[list(COLUMNS["steps"])].reset_index(drop=True)}
     return Comparison(
         tables=tables,
         eigenvalues=eigenvalues,
         densities=densities,
         approximation_spectra=measured.spectra,
-        findings=_findings(tables["spectra"], prob, mc_samples) + _approximation_findings(tables["approximations"]),
+        findings=_findings(tables["spectra"], tables["approximations"], prob, mc_samples)
+        + _step_findings(tables["steps"]),
         notes=_notes(kinds, prob, seed, mc_samples, probes, steps) + _approximation_notes(names) + remarks,
-        provenance=_provenance(seed),
+        provenance=_provenance(seed) | {"seconds": round(seconds, 3)},
     )
 
 
@@ -522,7 +580,8 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _summary_table(prob: Problem, seed: int, mc_samples: int, context: Mapping[str, object]) -> pd.DataFrame:
+def _summary_table(prob: Problem, seed: int, mc_samples: int, context: Mapping[str, object],
+                   seconds: float) -> pd.DataFrame:
     rows = [(str(key), value, "") for key, value in context.items()] + [
         ("studied parameters P", prob.num_params, "parameters"),
         ("examples N", prob.num_examples, "examples"),
@@ -533,6 +592,7 @@ def _summary_table(prob: Problem, seed: int, mc_samples: int, context: Mapping[s
         ("device", str(prob.device), ""),
         ("seed (fisher_mc labels)", seed, ""),
         ("Monte-Carlo samples S", mc_samples, "labels per example"),
+        ("time taken", round(seconds, 2), "s"),
     ]
     return pd.DataFrame(rows, columns=list(COLUMNS["summary"])).astype({"value": object})
 
@@ -544,18 +604,33 @@ def _parameter_table(prob: Problem) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS["parameters"])).astype({"count": "int64"})
 
 
-def _findings(spectra: pd.DataFrame, prob: Problem, mc_samples: int) -> list[str]:
+def _findings(spectra: pd.DataFrame, approximations: pd.DataFrame, prob: Problem, mc_samples: int) -> list[str]:
+    """Short factual sentences, the most telling first: definiteness, GGN against Hessian, best approximation."""
     ok = spectra[spectra["status"] == "dense"].set_index("kind")
     findings = []
     if "hessian" in ok.index:
         h = ok.loc["hessian"]
-        findings.append(f"The Hessian has {h['negative']} negative eigenvalues out of {prob.num_params}, carrying "
-                        f"{h['negative_mass']:.1%} of Σ|λ| (λ_min = {h['lambda_min']:.4g}, "
-                        f"λ_max = {h['lambda_max']:.4g}).")
+        if h["negative"]:
+            findings.append(f"The Hessian is indefinite: {h['negative']} of its {prob.num_params} eigenvalues are "
+                            f"negative, carrying {h['negative_mass']:.1%} of Σ|λ| (λ_min = {h['lambda_min']:.4g}, "
+                            f"λ_max = {h['lambda_max']:.4g}), so the loss is not locally convex here.")
+        else:
+            findings.append(f"The Hessian has no eigenvalue below −{h['tolerance']:.2g}: the loss is locally convex "
+                            f"here (λ_max = {h['lambda_max']:.4g}).")
         if "ggn" in ok.index and h["lambda_max"] > 0 and h["trace"] != 0:
             g = ok.loc["ggn"]
-            findings.append(f"λ_max of the GGN is {g['lambda_max'] / h['lambda_max']:.3g} × that of the Hessian; "
-                            f"its trace is {g['trace'] / h['trace']:.3g} × the Hessian's.")
+            findings.append(f"The GGN, positive semi-definite by construction, has "
+                            f"{g['lambda_max'] / h['lambda_max']:.3g} × the Hessian's largest eigenvalue and "
+                            f"{g['trace'] / h['trace']:.3g} × its trace.")
+    measured = approximations.dropna(subset=["rel_fro_scaled"])
+    if not measured.empty:
+        best = measured.loc[measured["rel_fro_scaled"].idxmin()]
+        worst = measured.loc[measured["rel_fro_scaled"].idxmax()]
+        sentence = (f"The closest approximation is {best['approximation']} of the {best['curvature']}: scaled "
+                    f"Frobenius error {best['rel_fro_scaled']:.3g}, cosine {best['cos_fro']:.3g}")
+        if worst["approximation"] != best["approximation"]:
+            sentence += f"; the furthest is {worst['approximation']} ({worst['rel_fro_scaled']:.3g})"
+        findings.append(sentence + ".")
     for kind, name, bound in (("empirical_fisher", "The empirical Fisher", f"N = {prob.num_examples}"),
                               ("fisher_mc", "The Monte-Carlo Fisher",
                                f"N·S = {prob.num_examples * mc_samples}")):
@@ -564,16 +639,26 @@ def _findings(spectra: pd.DataFrame, prob: Problem, mc_samples: int) -> list[str
             findings.append(f"{name} has {nonzero} eigenvalues clearly above zero (its rank is at most {bound}).")
     estimated = spectra.loc[spectra["status"] == "matrix-free", "kind"].tolist()
     if estimated:
-        findings.append(f"Estimated matrix-free (dense matrix over the memory budget): {', '.join(estimated)}.")
+        findings.insert(0, f"Estimated matrix-free, since the dense matrix exceeds the memory budget: "
+                           f"{', '.join(estimated)}.")
     return findings
 
 
-def _approximation_findings(table: pd.DataFrame) -> list[str]:
-    if table.empty:
+def _step_findings(steps: pd.DataFrame) -> list[str]:
+    """The optimizer whose step agrees best with the damped natural gradient, among those that approximate it."""
+    whole = steps[(steps["block"] == "all") & ~steps["optimizer"].isin(["natural_gradient", "newton"])]
+    whole = whole.dropna(subset=["cos_natural_gradient"])
+    if whole.empty:
         return []
-    best = table.loc[table["rel_fro_scaled"].idxmin()]
-    return [f"Closest approximation (scaled Frobenius error): {best['approximation']} of the {best['curvature']} "
-            f"({best['rel_fro_scaled']:.3g}, cosine {best['cos_fro']:.3g})."]
+    best = whole.loc[whole["cos_natural_gradient"].idxmax()]
+    worst = whole.loc[whole["cos_natural_gradient"].idxmin()]
+    sgd = whole.loc[whole["optimizer"] == "sgd", "cos_natural_gradient"]
+    sentence = (f"Of the optimizers' steps, {best['optimizer']}'s is closest to the damped natural gradient "
+                f"(cosine {best['cos_natural_gradient']:.3g}) and {worst['optimizer']}'s furthest "
+                f"({worst['cos_natural_gradient']:.3g})")
+    if not sgd.empty:
+        sentence += f"; the plain gradient's cosine is {sgd.iloc[0]:.3g}"
+    return [sentence + "."]
 
 
 def _approximation_notes(names: list[str]) -> list[str]:

@@ -39,7 +39,8 @@ def differentiable_kernels():
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _likelihood(loss, reduction: str) -> Likelihood:
+def likelihood_of(loss, reduction: str) -> Likelihood:
+    """The likelihood of ``loss`` (a name or a ``torch.nn`` loss module), checked against ``reduction``."""
     if isinstance(loss, nn.Module):
         name = _LOSS_MODULES.get(type(loss))
         if name is None:
@@ -67,7 +68,8 @@ def _likelihood(loss, reduction: str) -> Likelihood:
     return LIKELIHOODS[loss]()
 
 
-def _select_parameters(model: nn.Module, params) -> list[str]:
+def select_parameters(model: nn.Module, params) -> list[str]:
+    """The names of the trainable parameters that ``params`` (None, a list of names or a regex) selects."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if params is None:
         names = trainable
@@ -96,7 +98,7 @@ def _select_parameters(model: nn.Module, params) -> list[str]:
 
 
 def _as_batches(data) -> Iterable:
-    if _is_batch(data):
+    if is_batch(data):
         return [tuple(data)]
     if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler):
         raise InvalidProblem(
@@ -110,13 +112,22 @@ def _as_batches(data) -> Iterable:
     return list(data) if iter(data) is data else data
 
 
+def prepare_input(X, dtype: torch.dtype, device: torch.device):
+    """``X`` (a tensor or a dict of tensors) on ``device``, floating tensors cast to ``dtype``."""
+    if isinstance(X, Mapping):
+        return {key: prepare_input(value, dtype, device) for key, value in X.items()}
+    X = X.to(device)
+    return X.to(dtype) if X.is_floating_point() else X
+
+
 def _is_input(x) -> bool:
     return isinstance(x, torch.Tensor) or (
         isinstance(x, Mapping) and len(x) > 0 and all(isinstance(v, torch.Tensor) for v in x.values())
     )
 
 
-def _is_batch(item) -> bool:
+def is_batch(item) -> bool:
+    """Whether ``item`` is one batch ``(X, y)``: X a tensor or a dict of tensors, y a tensor."""
     return (isinstance(item, (tuple, list)) and len(item) == 2 and _is_input(item[0])
             and isinstance(item[1], torch.Tensor))
 
@@ -164,9 +175,10 @@ class Problem:
         if reduction not in ("mean", "sum"):
             raise InvalidProblem(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
         self.model = model.eval()
-        self.likelihood = _likelihood(loss, reduction)
+        self.loss = loss
+        self.likelihood = likelihood_of(loss, reduction)
         self.reduction = reduction
-        self.param_names = _select_parameters(model, params)
+        self.param_names = select_parameters(model, params)
         named = dict(model.named_parameters())
         self._all_params = {name: p.detach() for name, p in named.items()}
         studied = [named[name] for name in self.param_names]
@@ -182,6 +194,11 @@ class Problem:
             )
         self._data = _as_batches(data)
         self._scan()
+
+    @property
+    def data(self) -> Iterable:
+        """The batches ``(X, y)`` as given (one batch becomes a list of one)."""
+        return self._data
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -211,19 +228,14 @@ class Problem:
     def batches(self) -> Iterator[tuple[int, object, torch.Tensor]]:
         """``(index, X, y)`` for every batch, on the parameters' device and dtype."""
         for index, batch in enumerate(self._data):
-            if not _is_batch(batch):
+            if not is_batch(batch):
                 raise InvalidProblem(
                     f"batch {index} is not a pair (X, y) of tensors (X may be a dict of tensors), "
                     f"got {type(batch).__name__}"
                 )
             X, y = batch
-            yield index, self._prepare_input(X), self.likelihood.prepare_target(y.to(self.device), self.dtype)
-
-    def _prepare_input(self, X):
-        if isinstance(X, Mapping):
-            return {key: self._prepare_input(value) for key, value in X.items()}
-        X = X.to(self.device)
-        return X.to(self.dtype) if X.is_floating_point() else X
+            yield index, prepare_input(X, self.dtype, self.device), self.likelihood.prepare_target(
+                y.to(self.device), self.dtype)
 
     def _scan(self) -> None:
         """One forward pass over the data: shapes, labels, finiteness, counts and determinism."""

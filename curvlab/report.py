@@ -1,19 +1,22 @@
 """The self-contained HTML report and its on-disk form: ``index.html`` next to ``results.json``.
 
-The report is one HTML file with inline CSS and figures embedded as base64 PNG: no scripts, fonts,
-style sheets or images are fetched from anywhere. A report directory is written completely into a
-temporary directory beside the target and moved into place at the end, so an interrupted run never
-leaves a partial report; an existing non-empty directory is replaced only when asked to.
+The report is one HTML file with inline CSS, one inline script (sortable tables) and figures
+embedded as base64 PNG; its content security policy forbids fetching anything, so it reads the same
+offline. Next to it, ``results.json`` holds every number with units and provenance, and each table
+is also a CSV file. A report directory is written completely into a temporary directory beside the
+target and moved into place at the end, so an interrupted run never leaves a partial report; an
+existing non-empty directory is replaced only when asked to. A ``screenshot.png`` that someone put
+into a report directory is kept when the report is replaced.
 """
 
 import base64
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from importlib.resources import files
 from pathlib import Path
 
 import jinja2
@@ -31,6 +34,12 @@ class ReportExists(CurvlabError, FileExistsError):
 
 
 REPORT_FILES = frozenset({"index.html", "results.json"})
+#: Files a person may add to a report directory; replacing the report keeps them.
+KEPT_FILES = frozenset({"screenshot.png"})
+
+
+def _is_report_file(name: str) -> bool:
+    return name in REPORT_FILES or name in KEPT_FILES or re.fullmatch(r"[a-z_]+\.csv", name) is not None
 
 
 def check_target(directory: str | Path, force: bool = False) -> Path:
@@ -49,7 +58,7 @@ def check_target(directory: str | Path, force: bool = False) -> Path:
     if present and not force:
         raise ReportExists(f"{target} exists and is not empty; choose another directory or pass --force "
                            f"(force=True) to replace the report in it")
-    foreign = sorted(present - REPORT_FILES)
+    foreign = sorted(name for name in present if not _is_report_file(name))
     if foreign:
         raise ReportExists(f"{target} holds files other than a curvlab report ({', '.join(foreign)}); it is not "
                            f"replaced even with --force: choose another directory")
@@ -72,6 +81,9 @@ def write_report(directory: str | Path, contents: Mapping[str, str], force: bool
         staging.chmod(0o755)
         if target.exists():
             check_target(target, force)
+            for name in KEPT_FILES:
+                if (target / name).is_file() and name not in contents:
+                    shutil.copy2(target / name, staging / name)
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             target.rename(retired / target.name)
             staging.rename(target)
@@ -97,14 +109,32 @@ def format_value(value) -> str:
     return str(value)
 
 
-def table_rows(table: pd.DataFrame) -> list[list[tuple[str, bool]]]:
-    """The cells of ``table`` row by row, each as ``(text, is_number)``."""
-    return [[(format_value(value), _is_number(value)) for value in row]
+def table_rows(table: pd.DataFrame) -> list[list[tuple[str, bool, str | None]]]:
+    """The cells of ``table`` row by row, each as ``(text, is_number, sort_key)``.
+
+    The sort key of a number is its full value (``inf``/``-inf`` as such), of a missing value the
+    empty string, and of text ``None`` (sorted by the text), so that the report's tables sort by
+    value, not by the rounded text.
+    """
+    return [[(format_value(value), _is_number(value), _sort_key(value)) for value in row]
             for row in table.astype(object).itertuples(index=False)]
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+def _sort_key(value) -> str | None:
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return ""
+    if not _is_number(value):
+        return None
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
+
+
+def table_csvs(tables: Mapping[str, pd.DataFrame]) -> dict[str, str]:
+    """``name.csv`` -> the table as CSV text (full precision; units and meanings are in ``results.json``)."""
+    return {f"{name}.csv": table.to_csv(index=False) for name, table in tables.items()}
 
 
 def spectrum_figure(eigenvalues: Mapping[str, np.ndarray]) -> bytes:
@@ -213,19 +243,29 @@ def kept_eigenvalues_figure(spectra: Mapping[str, Mapping]) -> bytes:
     return buffer.getvalue()
 
 
+#: The facts of the summary table shown at the top of the report, in this order.
+OVERVIEW = ("model", "data", "parameter selection", "studied parameters P", "examples N", "loss", "device", "dtype",
+            "time taken")
+
+
 def render_html(results: Mapping, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, bytes]) -> str:
     """The report page for ``results`` (the JSON document), its ``tables`` and PNG ``figures``."""
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
-                                     trim_blocks=True, lstrip_blocks=True)
-    template = environment.from_string(
-        files("curvlab").joinpath("templates", "report.html.j2").read_text(encoding="utf-8"))
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("curvlab", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    template = environment.get_template("report.html.j2")
     rendered_tables = {
         name: {"columns": list(table.columns), "rows": table_rows(table),
                "legend": results.get("columns", {}).get(name, {})}
         for name, table in tables.items()
     }
     images = {name: base64.b64encode(png).decode("ascii") for name, png in figures.items()}
-    return template.render(results=results, tables=rendered_tables, figures=images)
+    facts = {}
+    if "summary" in tables:
+        facts = {quantity: format_value(value) + (f" {unit}" if unit else "")
+                 for quantity, value, unit in tables["summary"].astype(object).itertuples(index=False)}
+    overview = [(quantity, facts[quantity]) for quantity in OVERVIEW if quantity in facts]
+    title = str(facts.get("model", "")).split(",")[0]
+    return template.render(results=results, tables=rendered_tables, figures=images, overview=overview, title=title)
 
 
 def to_json(results: Mapping) -> str:

@@ -28,7 +28,8 @@ def case():
 @pytest.fixture(scope="module")
 def result(case):
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
-    return compare(prob, kinds=ALL_KINDS, seed=3, probes=4, steps=30, progress=False)
+    return compare(prob, kinds=ALL_KINDS, seed=3, probes=4, steps=30, optimizers=["sgd", "kfac", "natural_gradient"],
+                   progress=False)
 
 
 def test_default_problem_is_deterministic_and_leaves_global_rng_alone():
@@ -126,7 +127,8 @@ def test_kind_over_the_memory_budget_is_estimated_matrix_free(case, monkeypatch,
     values = torch.linalg.eigvalsh(dense).numpy()
     monkeypatch.setenv("CURVLAB_DENSE_BUDGET", "1")
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
-    result = compare(prob, kinds=["hessian"], k=4, probes=4, steps=30, approximations=(), progress=False)
+    result = compare(prob, kinds=["hessian"], k=4, probes=4, steps=30, approximations=(), optimizers=(),
+                     progress=False)
     row = result.tables["spectra"].iloc[0]
 
     assert row["status"] == "matrix-free" and result.eigenvalues == {}
@@ -161,7 +163,8 @@ def test_existing_report_is_replaced_only_with_force(result, tmp_path):
     assert (target / "results.json").read_text() == first
 
     result.to_html(target, force=True)
-    assert sorted(path.name for path in target.iterdir()) == ["index.html", "results.json"]
+    assert sorted(path.name for path in target.iterdir()) == sorted(
+        ["index.html", "results.json"] + [f"{name}.csv" for name in result.tables])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report"]
 
 
@@ -198,7 +201,7 @@ def test_interrupted_write_leaves_no_partial_report(result, tmp_path, monkeypatc
 def test_approximations_are_measured_against_the_curvature_each_stands_for(case, tmp_path):
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
     result = compare(prob, kinds=["ggn"], probes=2, steps=10, approximations=["kfac", "diag", "gram"],
-                     progress=False)
+                     optimizers=(), progress=False)
     table = result.tables["approximations"].set_index("approximation")
     dense = reference.dense("ggn", case.model, case.batches, case.loss, "mean")
     kfac = curvlab.approximate(prob, "kfac").to_dense(progress=False)
@@ -228,3 +231,28 @@ def test_unknown_approximation_is_refused_before_any_work(case):
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
     with pytest.raises(curvlab.InvalidProblem, match="approximations"):
         compare(prob, kinds=["ggn"], approximations=["kfac", "bfgs"], progress=False)
+
+
+def test_optimizer_steps_are_measured_per_module_and_reported(case, result, tmp_path):
+    steps = result.tables["steps"]
+    whole = steps[steps["block"] == "all"].set_index("optimizer")
+    assert list(whole.index) == ["sgd", "kfac", "natural_gradient"]
+    assert set(steps["block"]) == {"all", "0", "2"}
+    assert whole.loc["natural_gradient", "cos_natural_gradient"] == pytest.approx(1.0, abs=1e-10)
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    gradient = prob.gradient()
+    natural = torch.linalg.solve(reference.dense("ggn", case.model, case.batches, case.loss, "mean")
+                                 + 1e-3 * torch.eye(prob.num_params, dtype=torch.float64), gradient)
+    assert whole.loc["sgd", "cos_natural_gradient"] == pytest.approx(
+        float(gradient @ natural / (gradient.norm() * natural.norm())), rel=1e-9)
+    assert any("closest to the damped natural gradient" in finding for finding in result.findings)
+    html = result.to_html(tmp_path / "report").read_text()
+    assert 'id="steps"' in html and html.count("data:image/png;base64,") == 8
+    loaded = Comparison.load(tmp_path / "report" / "results.json")
+    pd.testing.assert_frame_equal(loaded.tables["steps"], result.tables["steps"], check_dtype=False)
+
+
+def test_unknown_optimizer_is_refused_before_any_work(case):
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    with pytest.raises(curvlab.InvalidProblem, match="optimizers must be distinct names among sgd, adam"):
+        compare(prob, kinds=["ggn"], optimizers=["adam", "lbfgs"], progress=False)

@@ -250,6 +250,29 @@ def kfac_factors(problem: Problem, curvature: str = "ggn", *, kfac_approx: str =
     return {layer.label: (A.get(layer.label), B[layer.label]) for layer in layers}
 
 
+def ekfac_eigenvalues(problem: Problem, bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                      curvature: str = "ggn", *, joint_bias: bool = False, mc_samples: int = 1,
+                      seed: int = 0) -> dict[tuple[str, str], torch.Tensor]:
+    """EKFAC's eigenvalues in given Kronecker bases: ``(module, "weight" | "bias") -> S``.
+
+    ``bases`` maps each module of :func:`kfac_factors` to ``(Q_B, Q_A)`` (``Q_A`` ``None`` when the
+    weight is not studied); ``S = R Σ_n Σ_k (Q_Bᵀ G_nk Q_A)²`` ``(d_out, d_in)`` for the weight (or
+    ``[W b]`` with ``joint_bias``) and ``R Σ_n Σ_k (Q_Bᵀ ē_nk)²`` ``(d_out,)`` for a separate bias, as
+    in :func:`ekfac`, which is this function in the eigenbases of the problem's own KFAC factors.
+
+    Examples:
+        >>> import torch, curvlab
+        >>> from curvlab.approx.kfac import ekfac_eigenvalues
+        >>> prob = curvlab.Problem(torch.nn.Linear(3, 2).double(), (torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+        >>> S = ekfac_eigenvalues(prob, {"": (torch.eye(2).double(), torch.eye(3).double())})
+        >>> sorted(key for key in S), tuple(S["", "weight"].shape)
+        ([('', 'bias'), ('', 'weight')], (2, 3))
+    """
+    mc_samples = _check(curvature, "expand", joint_bias, mc_samples, seed, {})
+    taps, layers, _ = _plan(problem, joint_bias)
+    return _eigenvalues(taps, layers, output_columns(problem, curvature, mc_samples, seed), bases)
+
+
 def kfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expand", joint_bias: bool = False,
          mc_samples: int = 1, seed: int = 0, **unknown) -> Approximation:
     """KFAC: ``B ⊗ A`` per Linear / Conv2d layer, exact blocks for the other modules.

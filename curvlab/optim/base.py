@@ -1,0 +1,142 @@
+"""Preconditioners as small pure transformations, in the manner of optax's ``chain``.
+
+A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into the direction
+``Δ = P⁻¹ g`` through four pure functions of an explicit state:
+
+- ``init(params) -> state``;
+- ``accumulate(state, statistics) -> state``: fold the curvature statistics of the current batch at
+  the current ``θ`` (:class:`Statistics`) into the state, on curvature-update steps;
+- ``refresh(state) -> state``: recompute what the statistics imply (inverses, roots, eigenbases),
+  on preconditioner-update steps;
+- ``apply(grads, state, params) -> (direction, state)``: every step.
+
+``linear(state)`` gives, where the method has one, the linear map ``v ↦ P⁻¹ v`` that ``apply``
+would use at this state with its moving averages of the gradient, clipping and other nonlinear
+parts left out: the preconditioner whose sharpness ``λ_max(P⁻¹ H)`` and agreement with the exact
+curvature :func:`curvlab.compare_steps` measures. Transformations never modify their inputs.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from curvlab.problem import Problem
+
+Params = dict[str, torch.Tensor]
+State = object
+LinearMap = Callable[[Params], Params]
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What a preconditioner may measure at the current ``θ`` on the current batch.
+
+    Attributes:
+        problem: the batch as a :class:`curvlab.Problem` whose studied parameters are the
+            optimizer's (curvature products, KFAC factors, per-example gradients come from it).
+        gradient: ``∇L`` of the batch, name -> tensor (the gradient the step preconditions).
+        loss: ``L`` of the batch.
+        step: the number of steps taken before this one (0 on the first).
+        seed: the optimizer's seed; with ``step`` it fixes every random draw (:meth:`generator`).
+    """
+
+    problem: Problem
+    gradient: Params
+    loss: float
+    step: int
+    seed: int
+
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """A generator on the parameters' device seeded by ``(seed, step, stream)``; the global RNG is untouched."""
+        generator = torch.Generator(device=self.problem.device)
+        return generator.manual_seed((self.seed * 1_000_003 + self.step) * 97 + stream)
+
+    @cached_property
+    def params(self) -> Params:
+        """``θ`` of the studied parameters, detached."""
+        return self.problem.params
+
+
+def _keep(state, *_):
+    return state
+
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """``g ↦ P⁻¹ g`` with an explicit state (see the module docstring for each function's role)."""
+
+    init: Callable[[Params], State]
+    apply: Callable[[Params, State, Params], tuple[Params, State]]
+    accumulate: Callable[[State, Statistics], State] | None = None
+    refresh: Callable[[State], State] | None = None
+    linear: Callable[[State], LinearMap] | None = None
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the preconditioner reads curvature statistics (else it only sees gradients)."""
+        return self.accumulate is not None
+
+
+def identity() -> Preconditioner:
+    """``P = I``: the direction is the gradient (SGD's)."""
+    return Preconditioner(init=lambda params: (), apply=lambda grads, state, params: (dict(grads), state),
+                          linear=lambda state: dict)
+
+
+def chain(*parts: Preconditioner) -> Preconditioner:
+    """The composition ``Δ = P_k⁻¹ ⋯ P_1⁻¹ g``: each part's output is the next one's input.
+
+    Examples:
+        >>> import torch
+        >>> from curvlab.optim.base import chain, identity
+        >>> from curvlab.optim.adaptive import add_decayed_weights
+        >>> p = chain(add_decayed_weights(0.5), identity())
+        >>> theta = {"w": torch.tensor([2.0])}
+        >>> p.apply({"w": torch.tensor([1.0])}, p.init(theta), theta)[0]
+        {'w': tensor([2.])}
+    """
+
+    def init(params):
+        return tuple(part.init(params) for part in parts)
+
+    def apply(grads, state, params):
+        states = []
+        for part, part_state in zip(parts, state):
+            grads, part_state = part.apply(grads, part_state, params)
+            states.append(part_state)
+        return grads, tuple(states)
+
+    def accumulate(state, statistics):
+        return tuple(part.accumulate(s, statistics) if part.accumulate else s for part, s in zip(parts, state))
+
+    def refresh(state):
+        return tuple(part.refresh(s) if part.refresh else s for part, s in zip(parts, state))
+
+    def linear(state):
+        maps = [part.linear(s) for part, s in zip(parts, state)]
+
+        def composed(v):
+            for one in maps:
+                v = one(v)
+            return v
+
+        return composed
+
+    return Preconditioner(
+        init=init, apply=apply,
+        accumulate=accumulate if any(part.accumulate for part in parts) else None,
+        refresh=refresh if any(part.refresh for part in parts) else None,
+        linear=linear if all(part.linear for part in parts) else None,
+    )
+
+
+def tree_map(function, *trees: Mapping[str, torch.Tensor]) -> Params:
+    """``{name: function(tree_1[name], …, tree_k[name])}`` over the names of the first tree."""
+    return {name: function(*(tree[name] for tree in trees)) for name in trees[0]}
+
+
+def tree_dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``⟨a, b⟩ = Σ_name Σ a[name] b[name]`` (0-d tensor)."""
+    return sum((torch.sum(a[name] * b[name]) for name in a), start=torch.zeros(()))

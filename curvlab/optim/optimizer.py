@@ -1,0 +1,178 @@
+"""A :class:`Method` (preconditioner, update rule, schedule) as a ``torch.optim.Optimizer`` that trains a model.
+
+One step at ``θ_t`` on a batch: the batch loss ``L_t`` and gradient ``g_t`` by autograd in the model's
+current mode; on curvature-update steps (``t % curvature_update_interval == 0``) the preconditioner
+folds in the batch's :class:`~curvlab.optim.base.Statistics`; on preconditioner-update steps
+(``t % preconditioner_update_interval == 0``) it refreshes its inverse; between updates the stale
+preconditioner is applied to the current gradient, as in ASDL. Then
+
+    ``Δ_t = P⁻¹ g_t`` (``last_direction``),  ``u_t = rule(Δ_t)``,  ``θ_{t+1} = θ_t − η u_t``,
+
+where the rule adds momentum and weight decay (torch SGD's heavy ball for the curvature methods of
+the study, decoupled weight decay for AdamW-like ones).
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from curvlab.errors import InvalidProblem, require_integer, require_number
+from curvlab.optim.base import Params, Preconditioner, Statistics, identity
+from curvlab.problem import Problem, is_batch, likelihood_of, prepare_input, select_parameters
+
+MOMENTUM_STYLES = ("heavy_ball", "ema")
+
+
+@dataclass(frozen=True)
+class Method:
+    """An optimizer: its preconditioner ``P``, the update rule applied to ``Δ = P⁻¹ g``, and its schedule.
+
+    Attributes:
+        preconditioner: ``g ↦ Δ``.
+        rule: ``Δ ↦ u`` (momentum, weight decay); the step is ``θ ← θ − η u``.
+        curvature_update_interval: curvature statistics are gathered on steps ``t ≡ 0`` modulo this.
+        preconditioner_update_interval: the preconditioner is refreshed on steps ``t ≡ 0`` modulo this.
+        momentum, momentum_style: the momentum that sets the edge of stability (see
+            :meth:`stability_threshold`): ``"heavy_ball"`` (torch SGD's ``b ← μ b + Δ``) or ``"ema"``
+            (Adam's ``m ← β m + (1 − β) g``).
+    """
+
+    preconditioner: Preconditioner
+    rule: Preconditioner = field(default_factory=identity)
+    curvature_update_interval: int = 1
+    preconditioner_update_interval: int = 1
+    momentum: float = 0.0
+    momentum_style: str = "heavy_ball"
+
+    def __post_init__(self):
+        require_integer("curvature_update_interval", self.curvature_update_interval)
+        require_integer("preconditioner_update_interval", self.preconditioner_update_interval)
+        require_number("momentum", self.momentum, strict=False, maximum=1.0)
+        if self.momentum_style not in MOMENTUM_STYLES:
+            raise InvalidProblem(f"unknown momentum_style {self.momentum_style!r}; choose one of "
+                                 f"{', '.join(MOMENTUM_STYLES)}")
+
+    def stability_threshold(self, lr: float) -> float:
+        """The largest ``λ_max(P⁻¹H)`` for which the step is stable on a quadratic.
+
+        ``2/η`` without momentum; ``(2 + 2μ)/η`` with heavy-ball momentum ``μ``; ``(2 + 2β)/((1 − β) η)``
+        with an EMA of the gradient (``38/η`` for Adam's ``β₁ = 0.9``; Cohen et al. 2022).
+        """
+        if self.momentum_style == "ema":
+            return (2 + 2 * self.momentum) / ((1 - self.momentum) * lr)
+        return (2 + 2 * self.momentum) / lr
+
+
+class PreconditionedOptimizer(torch.optim.Optimizer):
+    """A :class:`Method` training ``model``: ``opt.step((X, y))`` takes one step and returns the batch loss.
+
+    ``opt.step(closure)`` with a torch-style closure (it zeroes the gradients, computes the loss,
+    calls ``backward`` and returns the loss) works for the methods that read nothing but gradients.
+
+    Attributes:
+        last_direction: name -> tensor, ``Δ = P⁻¹ g`` of the last step (before learning rate,
+            momentum and weight decay).
+        preconditioner_state: the preconditioner's state after the last step.
+        steps: the number of steps taken.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, loss="cross_entropy", lr: float = 0.1, *,
+                 params=None, reduction: str = "mean", seed: int = 0, name: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise InvalidProblem(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model, self.loss, self.reduction = model, loss, reduction
+        self.likelihood = likelihood_of(loss, reduction)
+        self.names = select_parameters(model, params)
+        self.method, self.name = method, name or "optimizer"
+        self.seed = require_integer("seed", seed, minimum=0)
+        named = dict(model.named_parameters())
+        super().__init__([named[n] for n in self.names], {"lr": require_number("lr", lr)})
+        self._parameters = {n: named[n] for n in self.names}
+        self.preconditioner_state = method.preconditioner.init(self._values())
+        self._rule_state = method.rule.init(self._values())
+        self.steps = 0
+        self.last_direction: Params | None = None
+
+    def _values(self) -> Params:
+        return {name: p.detach() for name, p in self._parameters.items()}
+
+    def batch_loss(self, batch) -> torch.Tensor:
+        """``L`` of one batch ``(X, y)`` at the current ``θ``, differentiable, in the model's current mode."""
+        X, y = batch
+        first = next(iter(self._parameters.values()))
+        X = prepare_input(X, first.dtype, first.device)
+        y = self.likelihood.prepare_target(y.to(first.device), first.dtype)
+        output = self.model(**X) if isinstance(X, Mapping) else self.model(X)
+        terms = self.likelihood.validate(output.detach(), y)
+        scale = 1.0 if self.reduction == "sum" else 1.0 / terms
+        return scale * self.likelihood.loss(output, y)
+
+    def statistics_problem(self, batch) -> Problem:
+        """The batch as a :class:`curvlab.Problem` at the current ``θ`` (the model's mode is restored after)."""
+        training = self.model.training
+        try:
+            return Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
+        finally:
+            self.model.train(training)
+
+    def step(self, batch=None):
+        """One step on ``batch = (X, y)`` (or a closure); returns the batch loss as a float."""
+        method = self.method
+        if callable(batch):
+            if method.preconditioner.needs_statistics:
+                raise InvalidProblem(
+                    f"{self.name} measures curvature on the batch: call step((X, y)) instead of step(closure)"
+                )
+            with torch.enable_grad():
+                loss = batch()
+        elif is_batch(batch):
+            self.zero_grad()
+            with torch.enable_grad():
+                loss = self.batch_loss(batch)
+                loss.backward()
+        else:
+            raise InvalidProblem(
+                f"step takes one batch (X, y) or a closure, got {type(batch).__name__}"
+            )
+        gradient = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                    for name, p in self._parameters.items()}
+        loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        values = self._values()
+        state = self.preconditioner_state
+        pre = method.preconditioner
+        if pre.accumulate is not None and self.steps % method.curvature_update_interval == 0:
+            statistics = Statistics(self.statistics_problem(batch), gradient, loss, self.steps, self.seed)
+            state = pre.accumulate(state, statistics)
+        if pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0:
+            state = pre.refresh(state)
+        direction, state = pre.apply(gradient, state, values)
+        update, self._rule_state = method.rule.apply(direction, self._rule_state, values)
+        lr = self.param_groups[0]["lr"]
+        with torch.no_grad():
+            for name, p in self._parameters.items():
+                p.sub_(update[name], alpha=lr)
+        self.preconditioner_state = state
+        self.last_direction = direction
+        self.steps += 1
+        return loss
+
+
+def one_shot(method: Method, problem: Problem, seed: int = 0) -> tuple[Params, Callable[[Params], Params] | None]:
+    """The direction ``Δ = P⁻¹ ∇L`` of a preconditioner built from ``problem``'s data alone, and its ``P⁻¹``.
+
+    The state is initialised at ``θ``, fed the statistics of all the data as one batch (step 0: every
+    update happens) and applied to the full gradient; the second value is the linear map
+    ``v ↦ P⁻¹ v`` at that state, or ``None`` when the method has none.
+    """
+    pre = method.preconditioner
+    values = problem.params
+    gradient = problem.unflatten(problem.gradient())
+    state = pre.init(values)
+    if pre.accumulate is not None:
+        state = pre.accumulate(state, Statistics(problem, gradient, problem.loss_value(), 0, seed))
+    if pre.refresh is not None:
+        state = pre.refresh(state)
+    direction, state = pre.apply(gradient, state, values)
+    return direction, pre.linear(state) if pre.linear is not None else None

@@ -1,0 +1,184 @@
+"""PSGD-Kron (Li 2018): a Kronecker preconditioner fitted online by Lie-group steps on pairs ``(v, h)`` (OPTIMIZERS.md §6).
+
+As ASDL's ``KronPsgdGradientMaker`` (§6a, the study's version), each ``nn.Linear`` and ``nn.Conv2d``
+layer's gradient, with the bias as an extra column (``Ĝ = [G | g_b]`` ``(out, in + 1)``; a kernel
+viewed as ``(out, c_in·kh·kw)``), is preconditioned by ``P = Q_lᵀQ_l ⊗ Q_rᵀQ_r``:
+
+    ``Δ̂ = Q_lᵀ Q_l · Ĝ · Q_rᵀ Q_r``,
+
+with upper-triangular ``Q_l`` ``(out, out)`` and ``Q_r`` ``(in + 1, in + 1)`` started at
+``init_scale · I``. Every other parameter (normalisation layers, embeddings) keeps its raw
+gradient, as ASDL's ignored and unsupported modules do.
+
+On each preconditioner-update step the factors take one Lie-group step
+(:func:`curvlab.approx.psgd.lie_group_step`: balance, ``A = Q_l H Q_rᵀ``, ``B = Q_l⁻ᵀ V Q_r⁻¹``,
+``Q ← Q − μ/max|∇| · triu(AAᵀ − BBᵀ) Q``) on a pair drawn from the batch:
+
+- ``form="newton"`` (ASDL, lixilinx ``KronNewton``): ``v ~ N(0, I)`` on the preconditioned parameters
+  and ``h = H v`` with the exact Hessian of the batch loss; the fit's fixed point is
+  ``P = (E[h hᵀ])^{-1/2} = |H|⁻¹`` within the Kronecker family (the saddle-free Newton preconditioner);
+- ``form="whitening"`` (lixilinx ``KronWhiten`` with the triangular "EQ" geometry): ``h = ḡ`` the batch
+  gradient and an independent ``v ~ N(0, I)``; the fixed point is ``P = (E[ḡ ḡᵀ])^{-1/2}`` over the
+  steps, a Kronecker-factored square root of the online empirical Fisher.
+
+There is no damping (ASDL's has none; lixilinx's ``1e-9`` noise is left out). ``compat="asdl"``
+reproduces ASDL HEAD's ``B = Q_l⁻¹ V Q_r⁻ᵀ`` (§17.3), with which ``‖B‖² ≠ vᵀP⁻¹v``; it equals the
+correct step while ``Q = I``, so only fits after the first differ.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvlab.approx.base import Layout, mode_product
+from curvlab.approx.psgd import kron_groups, lie_group_step
+from curvlab.errors import InvalidProblem, require_integer, require_number
+from curvlab.operators import curvature
+from curvlab.optim.adaptive import heavy_ball
+from curvlab.optim.base import Preconditioner
+from curvlab.optim.optimizer import Method
+from curvlab.problem import Problem
+
+FORMS = ("newton", "whitening")
+COMPATS = (None, "asdl")
+PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class KronFactors:
+    """PSGD-Kron's state: the preconditioned groups and their fitted upper-triangular factors.
+
+    Attributes:
+        groups: ``(module name, parameter names, layout)`` per preconditioned layer, the layout
+            giving the ``(out, in + 1)`` matrix ``[W | b]`` (``(out, in)`` without a studied bias).
+        factors: per group, ``[Q_l, Q_r]``; the group's preconditioner is ``Q_lᵀQ_l ⊗ Q_rᵀQ_r``.
+        fits: the Lie-group steps taken.
+    """
+
+    groups: list[tuple[str, list[str], Layout]]
+    factors: list[list[torch.Tensor]]
+    fits: int = 0
+
+
+def preconditioned_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:
+    """The :func:`~curvlab.approx.psgd.kron_groups` of the studied Linear and Conv2d layers' parameters."""
+    modules = dict(problem.model.named_modules())
+    owner = {name: module for module, names in problem.module_blocks() for name in names}
+    return [(label, names, layout) for label, names, layout in kron_groups(problem)
+            if isinstance(modules[owner[names[0]]], PRECONDITIONED_LAYERS)]
+
+
+def _matrix(parts: dict[str, torch.Tensor], names: list[str], layout: Layout) -> torch.Tensor:
+    """The group's entries of the per-parameter tensors ``parts``, as the ``(d_1, d_2)`` matrix of ``layout``."""
+    return layout.to_tensor(torch.cat([parts[name].reshape(1, -1) for name in names], dim=1))[0]
+
+
+def asdl_probe(factors: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """``V' = V ×_i Q_iᵀ Q_i⁻¹``: the probe for which the correct ``B = V' ×_i Q_i⁻ᵀ`` is ASDL's ``V ×_i Q_i⁻¹``.
+
+    For two factors ``B = Q_l⁻ᵀ V' Q_r⁻¹ = Q_l⁻¹ V Q_r⁻ᵀ``. ``Q_iᵀ Q_i⁻¹`` is unchanged by the balance's
+    rescaling of ``Q_i``, so the balanced step sees ASDL's ``B``.
+    """
+    mixers = [q.T @ torch.linalg.solve_triangular(q, torch.eye(q.shape[0], dtype=q.dtype, device=q.device), upper=True)
+              for q in factors]
+    return mode_product(v[None], mixers)[0]
+
+
+def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_scale: float = 1.0,
+                        compat: str | None = None) -> Preconditioner:
+    """PSGD-Kron's ``g ↦ P g`` (module docstring); ``accumulate`` takes one Lie-group step per call.
+
+    On the first call the groups of the batch's problem get factors ``init_scale · I``. Each call
+    draws ``v`` as one standard normal ``(P,)`` vector from ``statistics.generator(0)`` in the
+    parameters' dtype, zeroed outside the preconditioned groups, and fits every group on its
+    entries of ``(v, H v)`` (Newton) or ``(v, ḡ)`` (whitening).
+    """
+
+    def accumulate(state, statistics):
+        problem = statistics.problem
+        if state is None:
+            groups = preconditioned_groups(problem)
+            like = dict(dtype=problem.dtype, device=problem.device)
+            state = KronFactors(groups, [[init_scale * torch.eye(d, **like) for d in layout.shape]
+                                         for _, _, layout in groups])
+        v = torch.randn(problem.num_params, generator=statistics.generator(0), dtype=problem.dtype,
+                        device=problem.device)
+        kept = torch.zeros_like(v)
+        for _, names, _ in state.groups:
+            entries = problem.entries(names)
+            kept[entries] = v[entries]
+        if form == "newton":
+            h = curvature(problem, "hessian") @ kept
+        else:
+            h = problem.flatten(statistics.gradient)
+        v_parts, h_parts = problem.unflatten(kept), problem.unflatten(h)
+        factors = []
+        for (_, names, layout), qs in zip(state.groups, state.factors):
+            probe = _matrix(v_parts, names, layout)
+            if compat == "asdl":
+                probe = asdl_probe(qs, probe)
+            factors.append(lie_group_step(qs, probe, _matrix(h_parts, names, layout), precond_lr))
+        return KronFactors(state.groups, factors, state.fits + 1)
+
+    def precondition(state):
+        if state is None:
+            raise InvalidProblem("PSGD-Kron fits its preconditioner on a batch before its first step; "
+                                 "accumulate statistics first")
+
+        def apply_to(grads):
+            direction = dict(grads)
+            for (_, names, layout), qs in zip(state.groups, state.factors):
+                rows = layout.to_rows(mode_product(_matrix(grads, names, layout)[None], [q.T @ q for q in qs]))
+                sizes = [grads[name].numel() for name in names]
+                for name, piece in zip(names, rows[0].split(sizes)):
+                    direction[name] = piece.reshape(grads[name].shape)
+            return direction
+
+        return apply_to
+
+    def apply(grads, state, params):
+        return precondition(state)(grads), state
+
+    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=precondition)
+
+
+def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float = 1.0,
+              preconditioner_update_interval: int = 1, momentum: float = 0.9, weight_decay: float = 0.0,
+              compat: str | None = None) -> Method:
+    """PSGD-Kron: ``Δ̂ = Q_lᵀQ_l Ĝ Q_rᵀQ_r`` per Linear/Conv2d layer, ``Q`` fitted by Lie-group steps (module docstring).
+
+    Defaults are ASDL's (``precond_lr=0.01``, ``init_scale=1``) with the study's SGD rule
+    (momentum 0.9) on top; the study refit every 1, 10 or 100 steps.
+
+    Args:
+        form: ``"newton"`` (pairs ``(v, Hv)``, ``P → |H|⁻¹``) or ``"whitening"`` (pairs ``(v, ḡ)``,
+            ``P → E[ḡḡᵀ]^{-1/2}``).
+        precond_lr: the normalised Lie-group step size ``μ``, ``0 < μ < 1``.
+        init_scale: the factors start at ``init_scale · I``.
+        preconditioner_update_interval: one fit every this many steps (the stale ``P`` in between).
+        momentum, weight_decay: torch SGD's heavy-ball momentum and L2 weight decay on ``Δ``.
+        compat: ``None`` (lixilinx's correct fit) or ``"asdl"`` (ASDL HEAD's transposed ``B``, §17.3).
+
+    Examples:
+        >>> import torch, curvlab
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> opt = curvlab.optim.make("psgd_kron", model, lr=0.1)
+        >>> loss = opt.step((torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])))
+        >>> [tuple(q.shape) for q in opt.preconditioner_state.factors[0]]
+        [(2, 2), (4, 4)]
+    """
+    if form not in FORMS:
+        raise InvalidProblem(f"unknown PSGD form {form!r}; choose one of {', '.join(FORMS)}")
+    if compat not in COMPATS:
+        raise InvalidProblem(f"unknown compat {compat!r}; choose None (the method as its paper defines it) or 'asdl'")
+    precond_lr = require_number("precond_lr", precond_lr, maximum=1.0)
+    init_scale = require_number("init_scale", init_scale)
+    interval = require_integer("preconditioner_update_interval", preconditioner_update_interval)
+    return Method(kron_preconditioner(form, precond_lr, init_scale, compat),
+                  heavy_ball(momentum, weight_decay=weight_decay),
+                  curvature_update_interval=interval, preconditioner_update_interval=interval, momentum=momentum)
+
+
+__all__ = ["COMPATS", "FORMS", "KronFactors", "asdl_probe", "kron_preconditioner", "preconditioned_groups",
+           "psgd_kron"]
