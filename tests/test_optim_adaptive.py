@@ -178,3 +178,26 @@ def test_bad_requests_name_the_valid_choices():
     opt = curvlab.optim.make("sgd", model)
     with pytest.raises(InvalidProblem, match=r"step takes one batch \(X, y\) or a closure"):
         opt.step(torch.randn(3, 2))
+
+
+COMPAT_METHODS = [name for name in curvlab.optim.names() if "compat" in curvlab.optim.hyperparameters(name)]
+
+
+@pytest.mark.parametrize("name", COMPAT_METHODS)
+def test_unknown_compat_is_refused_naming_the_choices(name):
+    with pytest.raises(InvalidProblem, match=r"unknown compat 'ASDL'; choose None .* or 'asdl'"):
+        curvlab.optim.method(name, compat="ASDL")
+
+
+def test_every_method_with_a_known_reference_bug_offers_asdl_compat():
+    assert {"kfac", "kbfgs", "shampoo", "psgd_kron", "seng"} <= set(COMPAT_METHODS)
+
+
+def test_seeds_of_random_draws_differ_by_step_and_stream_and_leave_the_global_rng_alone():
+    prob = curvlab.Problem(torch.nn.Linear(2, 2), (torch.randn(3, 2), torch.tensor([0, 1, 0])))
+    state = torch.random.get_rng_state()
+    seeds = {curvlab.optim.Statistics(prob, {}, 0.0, step, seed).seed_for(stream)
+             for step in range(3) for seed in range(3) for stream in range(3)}
+    draws = [torch.rand(2, generator=curvlab.optim.Statistics(prob, {}, 0.0, 4, 1).generator(2)) for _ in range(2)]
+    assert len(seeds) == 27 and torch.equal(*draws)
+    assert torch.equal(torch.random.get_rng_state(), state)

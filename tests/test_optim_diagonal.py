@@ -14,7 +14,6 @@ import torch
 import curvlab
 from curvlab.errors import InvalidProblem
 from curvlab.optim.base import Statistics
-from curvlab.optim.diagonal import step_seed
 from models import make_case
 from reference import gradient as reference_gradient
 from reference import hessian as reference_hessian
@@ -36,7 +35,7 @@ def _split(model, flat):
 def _seed(model, case, batch, step, stream):
     """The seed the optimizer (seed 0) draws from at ``step`` in ``stream``."""
     problem = curvlab.Problem(model, batch, case.loss)
-    return step_seed(Statistics(problem, {}, 0.0, step, 0), stream)
+    return Statistics(problem, {}, 0.0, step, 0).seed_for(stream)
 
 
 def _probe(seed, size):
@@ -129,7 +128,7 @@ def _sophia_reference(case, thetas, batches, estimator, betas, rho, eps, interva
 def _gnb(case):
     def estimator(model, H, batch, t):
         problem = curvlab.Problem(model, batch, case.loss)
-        seed = step_seed(Statistics(problem, {}, 0.0, t, 0), 1)
+        seed = Statistics(problem, {}, 0.0, t, 0).seed_for(1)
         labels = curvlab.curvature(problem, "fisher_mc", mc_samples=1, seed=seed).sampled_targets()[0][0]
         g_hat = reference_gradient(model, [(batch[0], labels)], case.loss, "mean")
         return len(labels) * g_hat * g_hat  # D = N ĝ ⊙ ĝ, §11a
@@ -166,7 +165,7 @@ def test_sophia_h_clamps_negative_curvature_to_zero():
     method = curvlab.optim.method("sophia_h", rho=1.0, eps=1e-3)
     direction, linear = curvlab.optim.one_shot(method, problem)
     H = reference_hessian(case.model, [case.data], case.loss, "mean")
-    z = _probe(step_seed(Statistics(problem, {}, 0.0, 0, 0), 0), H.shape[0])
+    z = _probe(Statistics(problem, {}, 0.0, 0, 0).seed_for(0), H.shape[0])
     h = (1 - 0.99) * z * (H @ z)
     assert bool((h < 0).any())
     g = reference_gradient(case.model, [case.data], case.loss, "mean")
@@ -185,7 +184,7 @@ def test_adahessian_one_shot_direction_is_its_linear_map_of_the_gradient(case_na
     for name, value in linear(g).items():
         torch.testing.assert_close(direction[name], value, rtol=1e-12, atol=0)
     H = reference_hessian(case.model, [case.data], case.loss, "mean")
-    z = _probe(step_seed(Statistics(problem, {}, 0.0, 0, 0), 0), H.shape[0])
+    z = _probe(Statistics(problem, {}, 0.0, 0, 0).seed_for(0), H.shape[0])
     D = torch.cat([x.reshape(-1) for x in _average(_split(case.model, (H @ z).abs()), "conv").values()])
     torch.testing.assert_close(problem.flatten(direction), problem.flatten(g) / (D + 1e-4), rtol=1e-10, atol=1e-14)
 

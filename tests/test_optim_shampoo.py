@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import curvlab
-from curvlab.optim.shampoo import block_slices, coupled_newton_inverse_root, merge_small_dims
+from curvlab.optim.shampoo import asdl_inverse_root, block_slices, coupled_newton_inverse_root, merge_small_dims
 from models import make_case
 from reference import loss as reference_loss
 
@@ -387,3 +387,15 @@ def test_distributed_shampoo_linear_map_is_the_step_between_refreshes_and_weight
 def test_distributed_shampoo_refuses_bad_hyperparameters(hyper):
     with pytest.raises(curvlab.InvalidProblem):
         curvlab.optim.method("distributed_shampoo", **hyper)
+
+
+def test_root_of_a_float32_low_rank_statistic_is_finite_and_bounded_by_the_ridge():
+    """Rounding makes a float32 rank-one statistic indefinite below −ελ_max, where coupled Newton diverges."""
+    generator = torch.Generator().manual_seed(3)
+    g = torch.randn(16, 1, generator=generator) * 0.1
+    statistic = (g @ g.T + 1e-12 * torch.eye(16)).float()
+    root, kept = asdl_inverse_root(statistic, 4, 1e-12)
+    ridge = 1e-12 * float(torch.linalg.eigvalsh(statistic.double()).max())
+    eigenvalues = torch.linalg.eigvalsh(root.double())
+    assert torch.isfinite(root).all() and torch.equal(kept, statistic)
+    assert float(eigenvalues.min()) > 0 and float(eigenvalues.max()) <= ridge ** -0.25 * (1 + 1e-3)

@@ -13,14 +13,17 @@ from curvlab.optim.base import Preconditioner, chain, identity, tree_map
 from curvlab.optim.optimizer import Method
 
 
-def betas_pair(betas) -> tuple[float, float]:
-    """``(β₁, β₂)`` checked: a pair of numbers in ``[0, 1)``."""
+def betas_pair(betas, sums: bool = False) -> tuple[float, float]:
+    """``(β₁, β₂)`` checked: numbers in ``[0, 1)``; with ``sums``, ``β₂ = 1`` (a plain sum, as AdaGrad) is allowed too."""
     try:
         beta1, beta2 = betas
     except (TypeError, ValueError):
         raise InvalidProblem(f"betas must be a pair (β₁, β₂), got {betas!r}") from None
+    if sums and beta2 == 1:
+        return require_number("betas[0]", beta1, strict=False, maximum=1.0), 1.0
     return (require_number("betas[0]", beta1, strict=False, maximum=1.0),
-            require_number("betas[1]", beta2, strict=False, maximum=1.0))
+            require_number("betas[1]", beta2, strict=False, maximum=1.0,
+                           hint=" (or 1, which sums the factors as AdaGrad)" if sums else ""))
 
 
 def add_decayed_weights(weight_decay: float) -> Preconditioner:

@@ -22,6 +22,7 @@ from functools import cached_property
 
 import torch
 
+from curvlab.errors import InvalidProblem
 from curvlab.problem import Problem
 
 Params = dict[str, torch.Tensor]
@@ -48,10 +49,13 @@ class Statistics:
     step: int
     seed: int
 
+    def seed_for(self, stream: int = 0) -> int:
+        """The seed of this step's random draws of kind ``stream`` (labels, probes, sketches): ``(seed · 1000003 + step) · 97 + stream``."""
+        return (self.seed * 1_000_003 + self.step) * 97 + stream
+
     def generator(self, stream: int = 0) -> torch.Generator:
-        """A generator on the parameters' device seeded by ``(seed, step, stream)``; the global RNG is untouched."""
-        generator = torch.Generator(device=self.problem.device)
-        return generator.manual_seed((self.seed * 1_000_003 + self.step) * 97 + stream)
+        """A generator on the parameters' device seeded by :meth:`seed_for`; the global RNG is untouched."""
+        return torch.Generator(device=self.problem.device).manual_seed(self.seed_for(stream))
 
     @cached_property
     def params(self) -> Params:
@@ -59,8 +63,16 @@ class Statistics:
         return self.problem.params
 
 
-def _keep(state, *_):
-    return state
+#: ``compat`` values of the methods whose reference implementation departs from the paper (OPTIMIZERS.md §17).
+COMPATS = (None, "asdl")
+
+
+def require_compat(compat):
+    """``compat`` if it is ``None`` (the method as its paper defines it) or ``"asdl"``, else :class:`InvalidProblem`."""
+    if compat not in COMPATS:
+        raise InvalidProblem(f"unknown compat {compat!r}; choose None (the method as its paper defines it) or "
+                             f"'asdl' (the reference implementation's behaviour, OPTIMIZERS.md §17)")
+    return compat
 
 
 @dataclass(frozen=True)

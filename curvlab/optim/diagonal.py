@@ -13,7 +13,7 @@ gradient EMA ``m ← β₁ m + (1 − β₁) g`` into its step:
 
 Curvature is measured on curvature-update steps (``accumulate``) at the current ``θ`` on the current
 batch, before the step; the random draws are seeded by the optimizer's seed and the step
-(:func:`step_seed`). All three take decoupled weight decay ``θ ← θ − η (Δ + λ θ)`` as their rule.
+(:meth:`~curvlab.optim.base.Statistics.seed_for`). All three take decoupled weight decay ``θ ← θ − η (Δ + λ θ)`` as their rule.
 """
 
 import torch
@@ -26,21 +26,6 @@ from curvlab.optim.base import Params, Preconditioner, Statistics, tree_map
 from curvlab.optim.optimizer import Method
 
 SPATIAL_AVERAGES = ("conv", "rows", "none")
-
-
-def step_seed(statistics: Statistics, stream: int = 0) -> int:
-    """The integer seed of this step's random draws (probes, labels), drawn from ``statistics.generator(stream)``.
-
-    Examples:
-        >>> import torch, curvlab
-        >>> from curvlab.optim.diagonal import step_seed
-        >>> prob = curvlab.Problem(torch.nn.Linear(2, 2), (torch.randn(3, 2), torch.tensor([0, 1, 0])))
-        >>> stats = curvlab.optim.Statistics(prob, {}, 0.0, step=4, seed=1)
-        >>> step_seed(stats) == step_seed(stats) != step_seed(stats, stream=1)
-        True
-    """
-    generator = statistics.generator(stream)
-    return int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device))
 
 
 def _row_average(values: torch.Tensor) -> torch.Tensor:
@@ -62,7 +47,7 @@ def hessian_magnitude(statistics: Statistics, spatial_average: str = "conv") -> 
     :func:`step_seed` ``(statistics, 0)``.
     """
     problem = statistics.problem
-    estimate = diag_hutchinson(problem, "hessian", samples=1, seed=step_seed(statistics),
+    estimate = diag_hutchinson(problem, "hessian", samples=1, seed=statistics.seed_for(),
                                spatial_average=spatial_average == "conv", absolute=True)
     values = estimate @ {name: torch.ones_like(p) for name, p in problem.params.items()}
     if spatial_average == "rows":
@@ -73,7 +58,7 @@ def hessian_magnitude(statistics: Statistics, spatial_average: str = "conv") -> 
 def hessian_diagonal(statistics: Statistics, samples: int = 1) -> Params:
     """Sophia-H's signed Hutchinson estimate ``(1/S) Σ_s z_s ⊙ H z_s`` of ``diag(H)``, seed :func:`step_seed` ``(statistics, 0)``."""
     problem = statistics.problem
-    estimate = diag_hutchinson(problem, "hessian", samples=samples, seed=step_seed(statistics))
+    estimate = diag_hutchinson(problem, "hessian", samples=samples, seed=statistics.seed_for())
     return estimate @ {name: torch.ones_like(p) for name, p in problem.params.items()}
 
 
@@ -84,7 +69,7 @@ def gauss_newton_bartlett(statistics: Statistics, samples: int = 1) -> Params:
     :func:`step_seed` ``(statistics, 1)``; ``samples`` independent draws are averaged.
     """
     problem = statistics.problem
-    return problem.unflatten(gnb_estimate(problem, samples=samples, seed=step_seed(statistics, stream=1)))
+    return problem.unflatten(gnb_estimate(problem, samples=samples, seed=statistics.seed_for(1)))
 
 
 def scale_by_adahessian(betas=(0.9, 0.999), eps: float = 1e-4, hessian_power: float = 1.0,

@@ -33,7 +33,7 @@ from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer, requi
 from curvlab.memory import check_dense
 from curvlab.operators import AbsHessian, CurvatureOperator, DenseMatrix, curvature
 from curvlab.optim.adaptive import heavy_ball
-from curvlab.optim.base import Preconditioner, Statistics
+from curvlab.optim.base import Preconditioner
 from curvlab.optim.optimizer import Method
 from curvlab.problem import Problem
 
@@ -217,10 +217,6 @@ def damped_solve(op: CurvatureOperator, g: torch.Tensor, damping: float, **optio
     return DampedInverse(op, damping, **options).solve(g)
 
 
-def curvature_seed(statistics: Statistics) -> int:
-    """The seed of the labels sampled on this step (``fisher_mc``): ``seed · 1000003 + step``."""
-    return statistics.seed * 1_000_003 + statistics.step
-
 
 def frozen_curvature(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0) -> CurvatureOperator:
     """``C`` of ``problem`` fixed at its current ``θ``: dense within the budget, else products on a copy of the model.
@@ -255,7 +251,7 @@ def damped_exact(kind: str, damping: float = 1e-3, mc_samples: int = 1) -> Preco
     mc_samples = require_integer("mc_samples", mc_samples)
 
     def accumulate(state, statistics):
-        return frozen_curvature(statistics.problem, kind, mc_samples, curvature_seed(statistics)), state[1]
+        return frozen_curvature(statistics.problem, kind, mc_samples, statistics.seed_for()), state[1]
 
     def refresh(state):
         op, _ = state

@@ -32,21 +32,8 @@ from curvlab.approx.kfac import output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.adaptive import heavy_ball
-from curvlab.optim.base import Preconditioner, Statistics
+from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
-
-COMPATS = (None, "asdl")
-
-
-def _check_compat(compat) -> None:
-    if compat not in COMPATS:
-        raise InvalidProblem(f"unknown compat {compat!r}; choose None (the method as its paper defines it) or 'asdl'")
-
-
-def _sketch_seed(statistics: Statistics) -> int:
-    """A seed for the sketch of this step, drawn from the step's own generator."""
-    return int(torch.randint(0, 2 ** 62, (), generator=statistics.generator(1)))
-
 
 def damped_empirical_fisher(damping: float, per_layer: bool, sketching_size: int | None = None,
                             sketch_method: str = "subsample") -> Preconditioner:
@@ -62,7 +49,7 @@ def damped_empirical_fisher(damping: float, per_layer: bool, sketching_size: int
         problem = statistics.problem
         sketch = sketching_size if sketching_size is not None and problem.num_examples > sketching_size else None
         fisher = gram(problem, "empirical_fisher", per_layer=per_layer, sketch=sketch, sketch_method=sketch_method,
-                      seed=_sketch_seed(statistics))
+                      seed=statistics.seed_for(1))
         return fisher.inverse(damping)
 
     def apply(grads, inverse, params):
@@ -141,7 +128,7 @@ def seng(damping: float = 1e-3, sketching_size: int | None = 256, sketch_method:
         >>> sorted(opt.last_direction)
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
-    _check_compat(compat)
+    require_compat(compat)
     damping = require_number("damping", damping)
     if sketching_size is not None:
         sketching_size = require_integer("sketching_size", sketching_size, hint=" or None")
@@ -281,4 +268,4 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
     return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate)
 
 
-__all__ = ["COMPATS", "SketchedLayer", "asdl_seng", "damped_empirical_fisher", "seng", "smw_ng"]
+__all__ = ["SketchedLayer", "asdl_seng", "damped_empirical_fisher", "seng", "smw_ng"]

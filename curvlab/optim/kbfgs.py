@@ -27,9 +27,9 @@ import torch
 
 from curvlab.approx.kfac import output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
-from curvlab.errors import InvalidProblem, require_number
-from curvlab.optim.base import Preconditioner, Statistics
-from curvlab.optim.kronecker import (COMPATS, FactorInverse, _ema_decay, _study_method, cholesky_inverse,
+from curvlab.errors import require_number
+from curvlab.optim.base import Preconditioner, Statistics, require_compat
+from curvlab.optim.kronecker import (FactorInverse, _ema_decay, _study_method, cholesky_inverse,
                                      kronecker_direction, kronecker_layers)
 from curvlab.problem import Problem
 
@@ -144,8 +144,7 @@ def kbfgs_preconditioner(damping: float = 1e-6, ema_decay: float = 0.1, mu1: flo
     beta = _ema_decay(ema_decay)
     beta = 1.0 if beta == -1 else beta
     mu1 = require_number("mu1", mu1, maximum=1.0)
-    if compat not in COMPATS:
-        raise InvalidProblem(f"unknown compat {compat!r}; choose None or 'asdl'")
+    require_compat(compat)
 
     def update_A(state, layers, means):
         A, H_a = dict(state.A), dict(state.H_a)

@@ -31,12 +31,11 @@ from curvlab.approx.kfac import kfac_factors, output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.adaptive import heavy_ball
-from curvlab.optim.base import Params, Preconditioner, Statistics
+from curvlab.optim.base import Params, Preconditioner, Statistics, require_compat
 from curvlab.optim.optimizer import Method
 
 #: ASDL's floor on the π-damped factor damping.
 DAMPING_FLOOR = 1e-7
-COMPATS = (None, "asdl")
 KFAC_CURVATURES = ("fisher_mc",) + tuple(c for c in CURVATURES if c != "fisher_mc")
 
 
@@ -65,11 +64,6 @@ def kronecker_layers(statistics: Statistics) -> dict[str, Layer]:
                               (module.weight.shape[0], module.weight[0].numel()),
                               isinstance(module, torch.nn.Conv2d))
     return layers
-
-
-def label_seed(statistics: Statistics) -> int:
-    """The seed of the labels sampled on this step, from the optimizer's seed and the step number."""
-    return statistics.seed * 1_000_003 + statistics.step
 
 
 @dataclass(frozen=True)
@@ -148,12 +142,6 @@ def _curvature(curvature: str) -> str:
     if curvature not in KFAC_CURVATURES:
         raise InvalidProblem(f"unknown curvature {curvature!r}; choose one of {', '.join(KFAC_CURVATURES)}")
     return curvature
-
-
-def _compat(compat):
-    if compat not in COMPATS:
-        raise InvalidProblem(f"unknown compat {compat!r}; choose None or 'asdl'")
-    return compat
 
 
 def _kfac_approx(kfac_approx: str) -> str:
@@ -292,12 +280,12 @@ def kfac_preconditioner(damping: float = 1e-3, ema_decay: float = -1, curvature:
                         compat: str | None = None) -> Preconditioner:
     """KFAC's ``g ↦ Δ`` (see :func:`kfac` for the arguments)."""
     damping = require_number("damping", damping)
-    decay, curvature, compat = _ema_decay(ema_decay), _curvature(curvature), _compat(compat)
+    decay, curvature, compat = _ema_decay(ema_decay), _curvature(curvature), require_compat(compat)
     mc_samples, kfac_approx = require_integer("mc_samples", mc_samples), _kfac_approx(kfac_approx)
 
     def statistics_of(statistics, layers):
         return kfac_factors(statistics.problem, curvature, kfac_approx=kfac_approx, joint_bias=joint_bias,
-                            mc_samples=mc_samples, seed=label_seed(statistics))
+                            mc_samples=mc_samples, seed=statistics.seed_for())
 
     def inverses_of(factors, layers):
         inverses = {}
@@ -359,7 +347,7 @@ def swift_rows(statistics: Statistics, layers: dict, curvature: str, mc_samples:
     """
     problem = statistics.problem
     taps = KroneckerLayers(problem)
-    columns = output_columns(problem, curvature, mc_samples, label_seed(statistics))
+    columns = output_columns(problem, curvature, mc_samples, statistics.seed_for())
     inputs_of = {label for label, layer in layers.items() if layer.weight is not None}
     full = {label: ([], []) for label in layers}
     summed = {label: ([], []) for label in layers}
@@ -460,7 +448,7 @@ def foof(damping: float = 1e-3, ema_decay: float = -1, kfac_approx: str = "expan
         curvature_update_interval, preconditioner_update_interval, momentum, weight_decay: as in :func:`kfac`.
     """
     damping = require_number("damping", damping)
-    decay, compat, kfac_approx = _ema_decay(ema_decay), _compat(compat), _kfac_approx(kfac_approx)
+    decay, compat, kfac_approx = _ema_decay(ema_decay), require_compat(compat), _kfac_approx(kfac_approx)
     def statistics_of(statistics, layers):
         return input_factors(statistics, layers, kfac_approx)
 
@@ -522,7 +510,7 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
 
     def accumulate(state, statistics):
         layers = state.layers or kronecker_layers(statistics)
-        seed = label_seed(statistics)
+        seed = statistics.seed_for()
         batch = kfac_factors(statistics.problem, curvature, mc_samples=mc_samples, seed=seed)
         factors = state.factors.update(batch)
         bases = state.extra.get("bases")

@@ -36,12 +36,11 @@ from curvlab.approx.psgd import kron_groups, lie_group_step
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.operators import curvature
 from curvlab.optim.adaptive import heavy_ball
-from curvlab.optim.base import Preconditioner
+from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
 from curvlab.problem import Problem
 
 FORMS = ("newton", "whitening")
-COMPATS = (None, "asdl")
 PRECONDITIONED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
@@ -170,8 +169,7 @@ def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float 
     """
     if form not in FORMS:
         raise InvalidProblem(f"unknown PSGD form {form!r}; choose one of {', '.join(FORMS)}")
-    if compat not in COMPATS:
-        raise InvalidProblem(f"unknown compat {compat!r}; choose None (the method as its paper defines it) or 'asdl'")
+    require_compat(compat)
     precond_lr = require_number("precond_lr", precond_lr, maximum=1.0)
     init_scale = require_number("init_scale", init_scale)
     interval = require_integer("preconditioner_update_interval", preconditioner_update_interval)
@@ -180,5 +178,5 @@ def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float 
                   curvature_update_interval=interval, preconditioner_update_interval=interval, momentum=momentum)
 
 
-__all__ = ["COMPATS", "FORMS", "KronFactors", "asdl_probe", "kron_preconditioner", "preconditioned_groups",
+__all__ = ["FORMS", "KronFactors", "asdl_probe", "kron_preconditioner", "preconditioned_groups",
            "psgd_kron"]

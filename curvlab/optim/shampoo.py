@@ -24,11 +24,10 @@ from typing import NamedTuple
 import torch
 
 from curvlab.errors import InvalidProblem, require_integer, require_number
-from curvlab.optim.adaptive import add_decayed_weights, heavy_ball
-from curvlab.optim.base import Preconditioner
+from curvlab.optim.adaptive import add_decayed_weights, betas_pair, heavy_ball
+from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
 
-COMPATS = (None, "asdl")
 ROOT_INVERSES = ("eigh", "newton")
 GRAFTINGS = (None, "adagrad", "rmsprop", "adam", "sgd")
 #: grafting -> its default β₂ (facebookresearch's grafting configs); AdaGrad sums (β₂ = 1), SGD keeps no statistic.
@@ -148,14 +147,20 @@ def asdl_inverse_root(statistic: torch.Tensor, p: int, damping: float,
     ``λ_max`` comes from :func:`power_iteration`. By default the statistic is kept as it was and Newton
     runs to its tolerance; with ``compat="asdl"`` the ridge is added to the stored statistic (so it
     accumulates over refreshes, OPTIMIZERS.md §17.4), Newton stops when its error grows by 1.2×, and a
-    ``(1, 1)`` factor's root is 1, as in ASDL.
+    ``(1, 1)`` factor's root is 1, as in ASDL. The root is computed in float64 whatever the statistic's
+    dtype. A low-rank statistic accumulated in float32 can have eigenvalues below ``−ε λ_max`` from
+    rounding alone, on which Newton diverges; by default its root is then taken by :func:`eigh_inverse_root`
+    with the same ridge, which lifts the spectrum to at least ``ε λ_max`` (ASDL returns non-finite numbers).
     """
     if compat == "asdl" and statistic.shape[0] == 1:
         return torch.ones_like(statistic), statistic
-    ridged = statistic + damping * power_iteration(statistic) * torch.eye(
-        statistic.shape[0], dtype=statistic.dtype, device=statistic.device)
-    return (coupled_newton_inverse_root(ridged, p, growth_guard=compat == "asdl"),
-            ridged if compat == "asdl" else statistic)
+    wide = statistic.double()
+    ridge = damping * power_iteration(wide)
+    ridged = wide + ridge * torch.eye(wide.shape[0], dtype=wide.dtype, device=wide.device)
+    root = coupled_newton_inverse_root(ridged, p, growth_guard=compat == "asdl")
+    if compat is None and not torch.isfinite(root).all():
+        root = eigh_inverse_root(wide, p, float(ridge))
+    return root.to(statistic.dtype), ridged.to(statistic.dtype) if compat == "asdl" else statistic
 
 
 def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_update_interval: int = 1,
@@ -250,8 +255,7 @@ def shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_update_in
         curvature_update_interval = preconditioner_update_interval
     curvature_update_interval = require_integer("curvature_update_interval", curvature_update_interval,
                                                 hint=" or None")
-    if compat not in COMPATS:
-        raise InvalidProblem(f"unknown compat {compat!r}; choose None or 'asdl'")
+    require_compat(compat)
     pre = scale_by_shampoo(damping, ema_decay, curvature_update_interval, preconditioner_update_interval,
                            bool(precondition_1d), compat)
     return Method(pre, heavy_ball(momentum, weight_decay=weight_decay),
@@ -335,7 +339,7 @@ def scale_by_distributed_shampoo(betas=(0.9, 1.0), beta3: float = -1.0, eps: flo
       correction; Adam: the same with ``bc_g = 1 − βᵗ``; SGD: ``P_graft = Ḡ``). Before
       ``start_preconditioning_step`` with grafting the step is ``P_graft``.
     """
-    beta1, beta2 = _betas(betas)
+    beta1, beta2 = betas_pair(betas, sums=True)
     beta3 = beta1 if beta3 == -1 else require_number("beta3", beta3, strict=False, maximum=1.0, hint=" or -1")
     eps = require_number("eps", eps, strict=False)
     max_dim = require_integer("max_preconditioner_dim", max_preconditioner_dim)
@@ -361,10 +365,11 @@ def scale_by_distributed_shampoo(betas=(0.9, 1.0), beta3: float = -1.0, eps: flo
 
     def inverse_root(factor, order, t):
         bias = 1 - beta2 ** t if use_bias_correction and beta2 < 1 else 1.0
+        wide = factor.double() / bias
         if root_inverse == "eigh":
-            return eigh_inverse_root(factor / bias, 2 * order, eps)
-        identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-        return coupled_newton_inverse_root(factor / bias + eps * identity, 2 * order)
+            return eigh_inverse_root(wide, 2 * order, eps).to(factor.dtype)
+        identity = torch.eye(wide.shape[0], dtype=wide.dtype, device=wide.device)
+        return coupled_newton_inverse_root(wide + eps * identity, 2 * order).to(factor.dtype)
 
     def init(params):
         layout, blocks = {}, {}
@@ -448,17 +453,6 @@ def scale_by_distributed_shampoo(betas=(0.9, 1.0), beta3: float = -1.0, eps: flo
     return Preconditioner(init=init, apply=apply, linear=linear)
 
 
-def _betas(betas) -> tuple[float, float]:
-    try:
-        beta1, beta2 = betas
-    except (TypeError, ValueError):
-        raise InvalidProblem(f"betas must be a pair (β₁, β₂), got {betas!r}") from None
-    beta1 = require_number("betas[0]", beta1, strict=False, maximum=1.0)
-    if not (isinstance(beta2, (int, float)) and not isinstance(beta2, bool) and 0 < beta2 <= 1):
-        raise InvalidProblem(f"betas[1] must be in (0, 1] (1 sums the factors, as AdaGrad), got {beta2!r}")
-    return beta1, float(beta2)
-
-
 def distributed_shampoo(betas=(0.9, 1.0), beta3: float = -1.0, eps: float = 1e-12, weight_decay: float = 0.0,
                         max_preconditioner_dim: int = 1024, precondition_frequency: int = 1,
                         start_preconditioning_step: int = -1, use_bias_correction: bool = True,
@@ -497,7 +491,7 @@ def distributed_shampoo(betas=(0.9, 1.0), beta3: float = -1.0, eps: float = 1e-1
                                        start_preconditioning_step, use_bias_correction, grafting, grafting_eps,
                                        grafting_beta2, root_inverse)
     return Method(pre, add_decayed_weights(weight_decay), preconditioner_update_interval=precondition_frequency,
-                  momentum=_betas(betas)[0], momentum_style="ema")
+                  momentum=betas_pair(betas, sums=True)[0], momentum_style="ema")
 
 
 __all__ = ["asdl_inverse_root", "block_slices", "coupled_newton_inverse_root", "distributed_shampoo",

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from curvlab.errors import InvalidProblem, require_integer, require_number
+from curvlab.errors import require_integer, require_number
+from curvlab.optim.adaptive import betas_pair
 from curvlab.optim.base import Preconditioner, tree_map
 from curvlab.optim.optimizer import Method
 from curvlab.optim.shampoo import mode_products
@@ -73,7 +74,7 @@ def scale_by_soap(betas=(0.95, 0.95), shampoo_beta: float = -1.0, eps: float = 1
     multiple of ``precondition_frequency``, one power step and QR per basis (:func:`_power_qr`) and ``m'``
     is carried into the new basis. ``β_s = shampoo_beta``, or ``β₂`` when it is −1.
     """
-    beta1, beta2 = _betas(betas)
+    beta1, beta2 = betas_pair(betas)
     beta_s = beta2 if shampoo_beta == -1 else require_number("shampoo_beta", shampoo_beta, strict=False,
                                                              maximum=1.0, hint=" or -1")
     eps = require_number("eps", eps, strict=False)
@@ -138,15 +139,6 @@ def scale_by_soap(betas=(0.95, 0.95), shampoo_beta: float = -1.0, eps: float = 1
     return Preconditioner(init=init, apply=apply, linear=linear)
 
 
-def _betas(betas) -> tuple[float, float]:
-    try:
-        beta1, beta2 = betas
-    except (TypeError, ValueError):
-        raise InvalidProblem(f"betas must be a pair (β₁, β₂), got {betas!r}") from None
-    return (require_number("betas[0]", beta1, strict=False, maximum=1.0),
-            require_number("betas[1]", beta2, strict=False, maximum=1.0))
-
-
 def decoupled_weight_decay_after_first_step(weight_decay: float) -> Preconditioner:
     """``u = Δ + λθ`` from the second step on; ``u = Δ`` on the first, which SOAP skips entirely."""
     weight_decay = require_number("weight_decay", weight_decay, strict=False)
@@ -181,7 +173,7 @@ def soap(betas=(0.95, 0.95), shampoo_beta: float = -1.0, eps: float = 1e-8, weig
     pre = scale_by_soap(betas, shampoo_beta, eps, precondition_frequency, max_precond_dim, bool(precondition_1d),
                         bool(normalize_grads), bool(correct_bias))
     return Method(pre, decoupled_weight_decay_after_first_step(weight_decay),
-                  preconditioner_update_interval=precondition_frequency, momentum=_betas(betas)[0],
+                  preconditioner_update_interval=precondition_frequency, momentum=betas_pair(betas)[0],
                   momentum_style="ema")
 
 
