@@ -367,8 +367,7 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
         eigenvalues=eigenvalues,
         densities=densities,
         approximation_spectra=measured.spectra,
-        findings=_findings(tables["spectra"], tables["approximations"], prob, mc_samples)
-        + _step_findings(tables["steps"]),
+        findings=_findings(tables["spectra"], tables["approximations"], tables["steps"], prob, mc_samples),
         notes=_notes(kinds, prob, seed, mc_samples, probes, steps) + _approximation_notes(names) + remarks,
         provenance=_provenance(seed) | {"seconds": round(seconds, 3)},
     )
@@ -604,8 +603,9 @@ def _parameter_table(prob: Problem) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS["parameters"])).astype({"count": "int64"})
 
 
-def _findings(spectra: pd.DataFrame, approximations: pd.DataFrame, prob: Problem, mc_samples: int) -> list[str]:
-    """Short factual sentences, the most telling first: definiteness, GGN against Hessian, best approximation."""
+def _findings(spectra: pd.DataFrame, approximations: pd.DataFrame, steps: pd.DataFrame, prob: Problem,
+              mc_samples: int) -> list[str]:
+    """Short factual sentences, the most telling first: definiteness, GGN against Hessian, best approximation, steps."""
     ok = spectra[spectra["status"] == "dense"].set_index("kind")
     findings = []
     if "hessian" in ok.index:
@@ -631,6 +631,7 @@ def _findings(spectra: pd.DataFrame, approximations: pd.DataFrame, prob: Problem
         if worst["approximation"] != best["approximation"]:
             sentence += f"; the furthest is {worst['approximation']} ({worst['rel_fro_scaled']:.3g})"
         findings.append(sentence + ".")
+    findings += _step_findings(steps)
     for kind, name, bound in (("empirical_fisher", "The empirical Fisher", f"N = {prob.num_examples}"),
                               ("fisher_mc", "The Monte-Carlo Fisher",
                                f"N·S = {prob.num_examples * mc_samples}")):

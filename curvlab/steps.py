@@ -195,8 +195,11 @@ def preconditioned_sharpness(linear: Callable | None, point: ExactPoint) -> tupl
         return apply(point.hessian @ v).detach().to("cpu", torch.float64).numpy()
 
     start = np.random.default_rng(0).standard_normal(P)
-    if not np.isfinite(matvec(start)).all():
+    first = matvec(start)
+    if not np.isfinite(first).all():
         return math.nan, "P⁻¹H has non-finite entries"
+    if not first.any():
+        return 0.0, "P⁻¹ is zero at this state (the method takes no step yet)"
     operator = LinearOperator((P, P), matvec=matvec, dtype=np.float64)
     try:
         values = eigs(operator, k=1, which="LR", tol=1e-6, v0=start, return_eigenvectors=False)

@@ -233,3 +233,14 @@ def test_matrix_free_references_beyond_the_budget_agree_with_the_dense_ones(monk
         assert free[column].tolist() == pytest.approx(dense[column].tolist(), rel=1e-6), column
     # SGD's and KFAC's steps do not depend on the budget, and Hessian products are exact either way
     assert free["quadratic_decrease"][:2].tolist() == pytest.approx(dense["quadratic_decrease"][:2].tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("dense_limit", [0, 10 ** 6])
+def test_soap_takes_no_one_shot_step_and_its_sharpness_is_zero(monkeypatch, dense_limit):
+    """SOAP's first step only initialises its eigenbases: a zero step, no cosine, P⁻¹ = 0."""
+    monkeypatch.setattr(curvlab.steps, "DENSE_SHARPNESS_LIMIT", dense_limit)
+    case = make_case("mlp_ce")
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    row = curvlab.compare_steps(prob, ["soap"], progress=False).iloc[0]
+    assert row["norm_ratio"] == 0 and row["cos_natural_gradient"] != row["cos_natural_gradient"]
+    assert row["sharpness"] == 0
