@@ -62,6 +62,14 @@ def heavy_ball(momentum: float = 0.0, dampening: float = 0.0, weight_decay: floa
     return Preconditioner(init=lambda params: None, apply=apply)
 
 
+def study_method(preconditioner: Preconditioner, momentum: float = 0.9, weight_decay: float = 0.0,
+                 curvature_update_interval: int = 1, preconditioner_update_interval: int = 1) -> Method:
+    """``preconditioner`` under the study's outer rule: torch SGD with heavy-ball momentum and L2 weight decay on ``Δ``."""
+    return Method(preconditioner, heavy_ball(momentum, weight_decay=weight_decay),
+                  curvature_update_interval=curvature_update_interval,
+                  preconditioner_update_interval=preconditioner_update_interval, momentum=momentum)
+
+
 def scale_by_adam(betas=(0.9, 0.999), eps: float = 1e-8) -> Preconditioner:
     """``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``Δ = (m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)``."""
     beta1, beta2 = betas_pair(betas)

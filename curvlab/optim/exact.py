@@ -32,7 +32,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh, minres
 from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer, require_number
 from curvlab.memory import check_dense
 from curvlab.operators import AbsHessian, CurvatureOperator, DenseMatrix, curvature
-from curvlab.optim.adaptive import heavy_ball
+from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Preconditioner
 from curvlab.optim.optimizer import Method
 from curvlab.problem import Problem
@@ -305,9 +305,8 @@ def newton(curvature: str = "hessian", damping: float = 1e-3, momentum: float = 
         ['bias', 'weight']
     """
     kind = _choice("curvature", curvature, NEWTON_CURVATURES)
-    return Method(damped_exact(kind, damping), heavy_ball(momentum, weight_decay=weight_decay),
-                  curvature_update_interval=curvature_update_interval,
-                  preconditioner_update_interval=preconditioner_update_interval, momentum=momentum)
+    return study_method(damped_exact(kind, damping), momentum, weight_decay, curvature_update_interval,
+                        preconditioner_update_interval)
 
 
 def natural_gradient(curvature: str = "ggn", damping: float = 1e-3, mc_samples: int = 1, momentum: float = 0.9,
@@ -337,6 +336,5 @@ def natural_gradient(curvature: str = "ggn", damping: float = 1e-3, mc_samples: 
         ['bias', 'weight']
     """
     kind = _choice("curvature", curvature, NATURAL_GRADIENT_CURVATURES)
-    return Method(damped_exact(kind, damping, mc_samples), heavy_ball(momentum, weight_decay=weight_decay),
-                  curvature_update_interval=curvature_update_interval,
-                  preconditioner_update_interval=preconditioner_update_interval, momentum=momentum)
+    return study_method(damped_exact(kind, damping, mc_samples), momentum, weight_decay, curvature_update_interval,
+                        preconditioner_update_interval)

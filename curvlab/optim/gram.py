@@ -31,7 +31,7 @@ from curvlab.approx.gram import SKETCH_METHODS, gram
 from curvlab.approx.kfac import output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer, require_number
-from curvlab.optim.adaptive import heavy_ball
+from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
 
@@ -86,8 +86,7 @@ def smw_ng(damping: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0
         ['bias', 'weight']
     """
     damping = require_number("damping", damping)
-    return Method(damped_empirical_fisher(damping, per_layer=False),
-                  heavy_ball(momentum, weight_decay=weight_decay), momentum=momentum)
+    return study_method(damped_empirical_fisher(damping, per_layer=False), momentum, weight_decay)
 
 
 def seng(damping: float = 1e-3, sketching_size: int | None = 256, sketch_method: str = "subsample",
@@ -141,8 +140,7 @@ def seng(damping: float = 1e-3, sketching_size: int | None = 256, sketch_method:
     else:
         preconditioner = damped_empirical_fisher(damping, per_layer=True, sketching_size=sketching_size,
                                                  sketch_method=sketch_method)
-    return Method(preconditioner, heavy_ball(momentum, weight_decay=weight_decay),
-                  curvature_update_interval=interval, preconditioner_update_interval=interval, momentum=momentum)
+    return study_method(preconditioner, momentum, weight_decay, interval, interval)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from curvlab.approx.kfac import output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import require_number
 from curvlab.optim.base import Preconditioner, Statistics, require_compat
-from curvlab.optim.kronecker import (FactorInverse, _ema_decay, _study_method, cholesky_inverse,
+from curvlab.optim.adaptive import study_method
+from curvlab.optim.kronecker import (FactorInverse, ema_decay_of, cholesky_inverse,
                                      kronecker_direction, kronecker_layers)
 from curvlab.problem import Problem
 
@@ -141,7 +142,7 @@ def kbfgs_preconditioner(damping: float = 1e-6, ema_decay: float = 0.1, mu1: flo
                          compat: str | None = None) -> Preconditioner:
     """K-BFGS's ``g ↦ Δ`` (see :func:`kbfgs`)."""
     damping = require_number("damping", damping)
-    beta = _ema_decay(ema_decay)
+    beta = ema_decay_of(ema_decay)
     beta = 1.0 if beta == -1 else beta
     mu1 = require_number("mu1", mu1, maximum=1.0)
     require_compat(compat)
@@ -225,5 +226,5 @@ def kbfgs(damping: float = 1e-6, ema_decay: float = 0.1, mu1: float = 0.2, compa
         >>> sorted(opt.preconditioner_state.H_g)
         ['0', '2']
     """
-    return _study_method(kbfgs_preconditioner(damping, ema_decay, mu1, compat), momentum, weight_decay,
+    return study_method(kbfgs_preconditioner(damping, ema_decay, mu1, compat), momentum, weight_decay,
                          curvature_update_interval, preconditioner_update_interval)

@@ -30,7 +30,7 @@ from curvlab.approx.kfac import CURVATURES, KFAC_APPROX, ekfac_eigenvalues, foof
 from curvlab.approx.kfac import kfac_factors, output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer, require_number
-from curvlab.optim.adaptive import heavy_ball
+from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Params, Preconditioner, Statistics, require_compat
 from curvlab.optim.optimizer import Method
 
@@ -129,7 +129,8 @@ def _mean_eigenvalue(factor: torch.Tensor | None) -> float | None:
     return None if factor is None else float(torch.diagonal(factor).sum()) / factor.shape[0]
 
 
-def _ema_decay(ema_decay) -> float:
+def ema_decay_of(ema_decay) -> float:
+    """``ema_decay`` checked: ``-1`` (local curvature) or the weight ``β ∈ (0, 1]`` of the new statistic."""
     if ema_decay == -1:
         return -1.0
     value = require_number("ema_decay", ema_decay, hint=" (-1 for local curvature)")
@@ -268,19 +269,12 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
     return Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear)
 
 
-def _study_method(preconditioner, momentum, weight_decay, curvature_update_interval,
-                  preconditioner_update_interval) -> Method:
-    return Method(preconditioner, heavy_ball(momentum, weight_decay=weight_decay),
-                  curvature_update_interval=curvature_update_interval,
-                  preconditioner_update_interval=preconditioner_update_interval, momentum=momentum)
-
-
 def kfac_preconditioner(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher_mc",
                         mc_samples: int = 1, kfac_approx: str = "expand", joint_bias: bool = False,
                         compat: str | None = None) -> Preconditioner:
     """KFAC's ``g ↦ Δ`` (see :func:`kfac` for the arguments)."""
     damping = require_number("damping", damping)
-    decay, curvature, compat = _ema_decay(ema_decay), _curvature(curvature), require_compat(compat)
+    decay, curvature, compat = ema_decay_of(ema_decay), _curvature(curvature), require_compat(compat)
     mc_samples, kfac_approx = require_integer("mc_samples", mc_samples), _kfac_approx(kfac_approx)
 
     def statistics_of(statistics, layers):
@@ -331,7 +325,7 @@ def kfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher_
         >>> sorted(opt.last_direction)
         ['0.bias', '0.weight', '2.bias', '2.weight']
     """
-    return _study_method(kfac_preconditioner(damping, ema_decay, curvature, mc_samples, kfac_approx, joint_bias,
+    return study_method(kfac_preconditioner(damping, ema_decay, curvature, mc_samples, kfac_approx, joint_bias,
                                              compat),
                          momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)
 
@@ -416,7 +410,7 @@ def skfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
             inverses[label] = (None if A is None else _swift_inverse(A, lambda_A), _swift_inverse(B, lambda_B))
         return inverses
 
-    return _study_method(_kronecker_preconditioner(statistics_of, inverses_of, decay=-1.0, debias=True),
+    return study_method(_kronecker_preconditioner(statistics_of, inverses_of, decay=-1.0, debias=True),
                          momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)
 
 
@@ -448,14 +442,14 @@ def foof(damping: float = 1e-3, ema_decay: float = -1, kfac_approx: str = "expan
         curvature_update_interval, preconditioner_update_interval, momentum, weight_decay: as in :func:`kfac`.
     """
     damping = require_number("damping", damping)
-    decay, compat, kfac_approx = _ema_decay(ema_decay), require_compat(compat), _kfac_approx(kfac_approx)
+    decay, compat, kfac_approx = ema_decay_of(ema_decay), require_compat(compat), _kfac_approx(kfac_approx)
     def statistics_of(statistics, layers):
         return input_factors(statistics, layers, kfac_approx)
 
     def inverses_of(factors, layers):
         return {label: (cholesky_inverse(A, damping), None) for label, (A, _) in factors.items()}
 
-    return _study_method(_kronecker_preconditioner(statistics_of, inverses_of, decay=decay, debias=compat is None,
+    return study_method(_kronecker_preconditioner(statistics_of, inverses_of, decay=decay, debias=compat is None,
                                                    precondition_bias=False),
                          momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)
 
@@ -502,7 +496,7 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
         curvature_update_interval, preconditioner_update_interval, momentum, weight_decay: as in :func:`kfac`.
     """
     damping = require_number("damping", damping)
-    decay, curvature = _ema_decay(ema_decay), _curvature(curvature)
+    decay, curvature = ema_decay_of(ema_decay), _curvature(curvature)
     mc_samples = require_integer("mc_samples", mc_samples)
 
     def init(params):
@@ -534,5 +528,5 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
     def apply(grads, state, params):
         return linear(state)(grads), state
 
-    return _study_method(Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear),
+    return study_method(Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear),
                          momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)

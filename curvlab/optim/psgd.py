@@ -35,7 +35,7 @@ from curvlab.approx.base import Layout, mode_product
 from curvlab.approx.psgd import kron_groups, lie_group_step
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.operators import curvature
-from curvlab.optim.adaptive import heavy_ball
+from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
 from curvlab.problem import Problem
@@ -173,9 +173,8 @@ def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float 
     precond_lr = require_number("precond_lr", precond_lr, maximum=1.0)
     init_scale = require_number("init_scale", init_scale)
     interval = require_integer("preconditioner_update_interval", preconditioner_update_interval)
-    return Method(kron_preconditioner(form, precond_lr, init_scale, compat),
-                  heavy_ball(momentum, weight_decay=weight_decay),
-                  curvature_update_interval=interval, preconditioner_update_interval=interval, momentum=momentum)
+    return study_method(kron_preconditioner(form, precond_lr, init_scale, compat), momentum, weight_decay, interval,
+                        interval)
 
 
 __all__ = ["FORMS", "KronFactors", "asdl_probe", "kron_preconditioner", "preconditioned_groups",

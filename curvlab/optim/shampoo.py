@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from curvlab.errors import InvalidProblem, require_integer, require_number
-from curvlab.optim.adaptive import add_decayed_weights, betas_pair, heavy_ball
+from curvlab.optim.adaptive import add_decayed_weights, betas_pair, study_method
 from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
 
@@ -258,9 +258,7 @@ def shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_update_in
     require_compat(compat)
     pre = scale_by_shampoo(damping, ema_decay, curvature_update_interval, preconditioner_update_interval,
                            bool(precondition_1d), compat)
-    return Method(pre, heavy_ball(momentum, weight_decay=weight_decay),
-                  curvature_update_interval=curvature_update_interval,
-                  preconditioner_update_interval=preconditioner_update_interval, momentum=momentum)
+    return study_method(pre, momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)
 
 
 # ----------------------------------------------------------------------------------------------
