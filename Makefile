@@ -13,10 +13,13 @@ demo: venv
 test: venv
 	$(PYTHON) -m pytest -q tests curvlab
 
-BENCHMARKS := products spectra kfac diagonal gram
+BENCHMARKS := products spectra kfac diagonal gram asdl_compare
 
+# ASDL (PyPI asdfghjkl, pure Python) is the reference benchmarks/asdl_compare.py compares against; only benchmarks need it.
 bench: venv
+	$(PYTHON) -m pip install 'asdfghjkl==0.1a5'
 	for name in $(BENCHMARKS); do $(PYTHON) benchmarks/$$name.py || exit 1; done
+	$(VENV)/bin/curvlab bench --out reports/bench --force
 
 venv: $(STAMP)
 

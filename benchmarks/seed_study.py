@@ -8,7 +8,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from torch.func import grad
 
 import curvlab
+from curvlab.cost import seconds
 
 MODEL = "MLP 784-2048-2048-10 (ReLU), cross-entropy, float32"
 
@@ -59,17 +59,6 @@ def func_gradient(prob: curvlab.Problem, X: torch.Tensor, y: torch.Tensor):
     """One gradient evaluation through ``torch.func``: ``grad`` of ``prob.batch_loss`` on ``(X, y)``."""
     gradient = grad(prob.batch_loss)
     return lambda: gradient(prob.params, X, y)
-
-
-def seconds(fn, device: torch.device) -> float:
-    """Wall time of one call of ``fn``, synchronising the GPU around it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:

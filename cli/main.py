@@ -64,6 +64,23 @@ class Names(click.ParamType):
         return tuple(names)
 
 
+class Integers(click.ParamType):
+    """A comma-separated list of positive integers, e.g. ``32,64,128``."""
+
+    name = "integers"
+
+    def convert(self, value, param, ctx) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            numbers = ()
+        if not numbers or min(numbers) < 1:
+            self.fail(f"{value!r} is not a comma-separated list of positive integers (e.g. 32,64,128)", param, ctx)
+        return numbers
+
+
 def _names(reference: str) -> tuple[str, ...]:
     import importlib
 
@@ -155,6 +172,28 @@ def optimizers_option(command: Callable) -> Callable:
                              "and Newton steps.")(command)
 
 
+def cost_options(prefix: str, batch_sizes: str) -> Callable:
+    """The cost study's ``--{prefix}optimizers``, ``--{prefix}batch-sizes``, ``--{prefix}intervals`` and ``--repeats``."""
+    decorators = [
+        click.option(f"--{prefix}optimizers", cls=NamesOption, metavar="NAMES",
+                     type=Names("curvlab.optim:names", "curvlab.cost:DEFAULT_OPTIMIZERS"),
+                     help="Comma-separated optimizers whose cost is measured."),
+        click.option(f"--{prefix}batch-sizes", type=Integers(), metavar="SIZES",
+                     help=f"Comma-separated batch sizes of the cost sweep. Default: {batch_sizes}."),
+        click.option(f"--{prefix}intervals", type=Integers(), default="1,10,100", show_default=True, metavar="KS",
+                     help="Curvature update intervals of the cost sweep."),
+        click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Timed steps per cost configuration (the median is reported)."),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
 def output_options(command: Callable) -> Callable:
     """``--out``, ``--force``, ``--quiet`` and ``--debug`` (shared by every command)."""
     decorators = [
@@ -204,6 +243,10 @@ def cli() -> None:
               type=Names("curvlab:APPROXIMATIONS", "curvlab.compare:DEFAULT_APPROXIMATIONS", allow_none=True),
               help="Comma-separated structured approximations, each measured against the curvature it stands for.")
 @optimizers_option
+@click.option("--cost", is_flag=True,
+              help="Add the cost section: each optimizer's time per training step and peak memory against SGD's over "
+                   "a batch-size sweep on the data, split into gradient, statistics, inversion and application.")
+@cost_options("cost-", "powers of two from 32 up to the number of examples")
 @output_options
 def compare(**options) -> None:
     """Spectra of the exact curvature matrices and the errors of their approximations, as a report.
@@ -223,11 +266,17 @@ def compare(**options) -> None:
       $ curvlab compare model.pt2 --data data.pt --curvature hessian,ggn --approximations kfac,ekfac
       reports/model/index.html
       $ curvlab compare model.pt2 --data data.pt --optimizers adam,kfac,shampoo
+      $ curvlab compare model.pt2 --data data.pt --cost --cost-optimizers kfac,shampoo,seng --cost-batch-sizes 32,128
     """
     kinds, approximations = options.pop("kinds"), options.pop("approximations")
     optimizers = options.pop("optimizers")
+    cost = None
+    if options.pop("cost"):
+        cost = {"optimizers": options.pop("cost_optimizers"), "batch_sizes": options.pop("cost_batch_sizes"),
+                "intervals": options.pop("cost_intervals"), "repeats": options.pop("repeats")}
+        cost = {key: value for key, value in cost.items() if value is not None}
     run_report(options, "", lambda study, progress: _compare(study, kinds, approximations, optimizers, {}, options,
-                                                             progress))
+                                                             progress, cost))
 
 
 @cli.command(epilog="Exit status: 0 success, 2 bad input, 3 refused for resources, 130 interrupted, 1 internal "
@@ -280,13 +329,15 @@ def steps(**options) -> None:
                                                                    step_options, options, progress))
 
 
-def _compare(study: Study, kinds, approximations, optimizers, step_options: dict, options: dict, progress: bool):
+def _compare(study: Study, kinds, approximations, optimizers, step_options: dict, options: dict, progress: bool,
+             cost: dict | None = None):
     from curvlab.compare import compare as run_compare
 
     if options.get("dense"):
         require_dense(study.problem)
     return run_compare(study.problem, kinds=kinds, seed=options["seed"], approximations=approximations,
-                       optimizers=optimizers, step_options=step_options, context=study.context, progress=progress)
+                       optimizers=optimizers, step_options=step_options, cost=cost, context=study.context,
+                       progress=progress)
 
 
 def run_report(options: dict, suffix: str, analyse: Callable) -> None:
@@ -295,20 +346,35 @@ def run_report(options: dict, suffix: str, analyse: Callable) -> None:
     The report directory (``--out``, default ``reports/<model name><suffix>``) is checked before any
     work, and written complete or not at all.
     """
+    out = options["out"] or Path("reports") / f"{model_name(options['model'])}{suffix}"
+
+    def work():
+        result = analyse(load_problem(options), not options["quiet"])
+        result.provenance["options"] = options_record(options)
+        return result.to_html(out, force=options["force"], progress=not options["quiet"])
+
+    run_guarded(options, out, work)
+
+
+def options_record(options: dict) -> dict:
+    """The options that were given (set flags and values), as the report's provenance records them."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()
+            if value is not None and value is not False}
+
+
+def run_guarded(options: dict, out: Path, work: Callable) -> None:
+    """Check that a report may be written to ``out``, run ``work()`` (which writes it) and print the path it returns.
+
+    Every error leaves as one line on stderr and its exit status (module docstring).
+    """
     import torch
 
     from curvlab.errors import CurvlabError, DenseTooLarge
     from curvlab.report import check_target
 
     try:
-        quiet, force = options["quiet"], options["force"]
-        out = options["out"] or Path("reports") / f"{model_name(options['model'])}{suffix}"
-        check_target(out, force)
-        result = analyse(load_problem(options), not quiet)
-        result.provenance["options"] = {key: str(value) if isinstance(value, Path) else value
-                                        for key, value in options.items()
-                                        if value is not None and value is not False}
-        index = result.to_html(out, force=force, progress=not quiet)
+        check_target(out, options["force"])
+        index = work()
     except KeyboardInterrupt:
         click.echo("Interrupted: no report was written.", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -327,6 +393,53 @@ def run_report(options: dict, suffix: str, analyse: Callable) -> None:
         hint = "the traceback is above" if options["debug"] else "run with --debug for the traceback"
         fail(f"internal error: {type(err).__name__}: {err} ({hint})", EXIT_INTERNAL)
     click.echo(str(index))
+
+
+@cli.command(epilog="Exit status: 0 success, 2 bad input, 3 out of memory, 130 interrupted, 1 internal error.")
+@click.option("--scale", type=click.Choice(("cpu", "full")), default="cpu", show_default=True,
+              help="cpu: every architecture with reduced widths, batches and budgets (minutes on a CPU); full: the "
+                   "study's sizes (for a GPU).")
+@click.option("--models", "model_names", cls=NamesOption, metavar="NAMES",
+              type=Names("curvlab.models:STUDY_MODELS", "curvlab.bench:DEFAULT_MODELS", allow_none=True),
+              help="Comma-separated built-in models whose cost is measured.")
+@cost_options("", "32,64,128,256 at cpu scale, powers of two from 32 to 8192 (until memory runs out) at full scale")
+@click.option("--tasks", cls=NamesOption, metavar="NAMES",
+              type=Names("curvlab.tasks:TASKS", "curvlab.bench:DEFAULT_TASKS", allow_none=True),
+              help="Comma-separated tasks of the accuracy study.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of every accuracy run. Default: the scale's.")
+@click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the models, the data and the optimizers.")
+@output_options
+def bench(**options) -> None:
+    """The seed study's two experiments on the built-in models: cost against SGD and accuracy against batch size.
+
+    Cost: time per training step and peak memory of each optimizer as ratios to SGD's as the batch grows, with
+    the curvature updated every step and less often, on an MLP, a CNN, ResNet18 and ViT-Tiny. Accuracy: the
+    best test accuracy of each optimizer after a small learning-rate and damping search, against the batch
+    size, on MNIST-1D (and with --tasks on a CIFAR-like synthetic task; both generated locally). One report
+    with both.
+
+    \b
+    Examples:
+      $ curvlab bench --out reports/bench --force
+      reports/bench/index.html
+      $ curvlab bench --models mlp,cnn --optimizers kfac,shampoo,seng --tasks none
+      $ curvlab bench --scale full --device cuda --out reports/bench-gpu
+    """
+    out = options["out"] or Path("reports") / "bench"
+
+    def work():
+        from curvlab.bench import bench as run_bench
+
+        convergence = {"epochs": options["epochs"]} if options["epochs"] is not None else {}
+        result = run_bench(options["model_names"], scale=options["scale"], optimizers=options["optimizers"],
+                           batch_sizes=options["batch_sizes"], intervals=options["intervals"],
+                           repeats=options["repeats"], tasks=options["tasks"], convergence_options=convergence,
+                           device=options["device"], seed=options["seed"], progress=not options["quiet"])
+        result.provenance["options"] = options_record(options)
+        return result.to_html(out, force=options["force"], progress=not options["quiet"])
+
+    run_guarded(options, out, work)
 
 
 def model_name(model: Path | None) -> str:

@@ -5,6 +5,8 @@ from importlib.metadata import PackageNotFoundError, version
 from curvlab.approx import APPROXIMATIONS, Approximation, approximate
 from curvlab import optim
 from curvlab.compare import Comparison, compare
+from curvlab.convergence import ConvergenceStudy, convergence_study
+from curvlab.cost import CostStudy, cost_study
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem
 from curvlab.io import load, save
 from curvlab.metrics import approximation_error
@@ -19,8 +21,8 @@ try:
 except PackageNotFoundError:
     __version__ = "0.0.0+unknown"
 
-__all__ = ["APPROXIMATIONS", "KINDS", "Approximation", "CapturedStep", "Comparison", "CurvlabError", "DenseTooLarge",
-           "DiagonalEstimate", "InvalidProblem", "Problem", "SpectralSummary", "Spectrum", "TraceEstimate",
-           "approximate", "approximation_error", "block_spectra", "capture_step", "compare",
-           "compare_steps", "curvature", "eigenspace_overlap", "load", "optim", "save",
-           "spectral_summary", "spectrum", "trace", "__version__"]
+__all__ = ["APPROXIMATIONS", "KINDS", "Approximation", "CapturedStep", "Comparison", "ConvergenceStudy", "CostStudy",
+           "CurvlabError", "DenseTooLarge", "DiagonalEstimate", "InvalidProblem", "Problem", "SpectralSummary",
+           "Spectrum", "TraceEstimate", "approximate", "approximation_error", "block_spectra", "capture_step", "compare",
+           "compare_steps", "convergence_study", "cost_study", "curvature", "eigenspace_overlap", "load", "optim",
+           "save", "spectral_summary", "spectrum", "trace", "__version__"]

@@ -26,7 +26,8 @@ import torch
 from scipy.stats import wasserstein_distance
 from tqdm.auto import tqdm
 
-from curvlab import optim, report, step_figures
+from curvlab import cost_figures, optim, report, step_figures
+from curvlab.cost import COLUMNS as COST_COLUMNS, cost_findings, cost_study
 from curvlab.approx import APPROXIMATIONS, approximate, options_of
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem, require_integer
 from curvlab.metrics import approximation_error
@@ -167,6 +168,7 @@ COLUMNS = {
         "negative": {"meaning": "eigenvalues of C_bb below −tolerance (dense only)", "unit": "eigenvalues"},
         "how": {"meaning": "how the numbers were obtained"},
     },
+    "cost": COST_COLUMNS,
 }
 
 
@@ -207,7 +209,7 @@ class Comparison:
             "notes": self.notes,
             "provenance": self.provenance,
             "columns": COLUMNS,
-            "tables": {name: _table_to_json(table) for name, table in self.tables.items()},
+            "tables": {name: table_to_json(table) for name, table in self.tables.items()},
             "eigenvalues": {"unit": CURVATURE_UNIT, "order": "ascending",
                             "values": {kind: values.tolist() for kind, values in self.eigenvalues.items()}},
             "densities": {"unit": f"1 / ({CURVATURE_UNIT}); log densities per decade",
@@ -259,6 +261,9 @@ class Comparison:
         modules = self.tables.get("approximation_modules")
         steps = self.tables.get("steps")
         has_steps = steps is not None and not steps.empty
+        costs = self.tables.get("cost")
+        has_cost = costs is not None and bool((costs["status"] == "ok").any()) and costs["optimizer"].nunique() > 1
+        has_memory = has_cost and bool(np.isfinite(costs["memory_ratio"].to_numpy(dtype=float)).any())
         drawings = [(name, draw) for name, draw, wanted in (
             ("spectra", lambda: report.spectrum_figure(self.eigenvalues), self.eigenvalues),
             ("densities", lambda: report.density_figure(self.densities, self.eigenvalues), self.densities),
@@ -268,7 +273,10 @@ class Comparison:
             ("step_cosines", lambda: step_figures.cosine_bars(steps), has_steps),
             ("step_cosine_heatmap", lambda: step_figures.cosine_heatmap(steps), has_steps),
             ("step_loss_change", lambda: step_figures.loss_change_figure(steps), has_steps),
-            ("step_sharpness", lambda: step_figures.sharpness_figure(steps), has_steps)) if wanted]
+            ("step_sharpness", lambda: step_figures.sharpness_figure(steps), has_steps),
+            ("cost_time", lambda: cost_figures.ratio_figure(costs, "time_ratio"), has_cost),
+            ("cost_memory", lambda: cost_figures.ratio_figure(costs, "memory_ratio"), has_cost and has_memory),
+            ("cost_phases", lambda: cost_figures.phase_figure(costs), has_cost)) if wanted]
         figures = {name: draw() for name, draw in tqdm(drawings, desc="figures", unit="figure", disable=not progress,
                                                       file=sys.stderr)}
         html = report.render_html(results, self.tables, figures)
@@ -280,7 +288,8 @@ class Comparison:
 def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *, mc_samples: int = 1,
             k: int = 10, probes: int = 10, steps: int = 80, approximations: Sequence[str] | None = None,
             optimizers: Sequence[str] | None = None, step_options: Mapping[str, object] | None = None,
-            context: Mapping[str, object] | None = None, progress: bool = True) -> Comparison:
+            cost: Mapping[str, object] | None = None, context: Mapping[str, object] | None = None,
+            progress: bool = True) -> Comparison:
     """The spectra of the exact curvature matrices of ``prob``: dense within the memory budget, else estimated.
 
     Args:
@@ -297,6 +306,9 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
             default :data:`DEFAULT_OPTIMIZERS`, ``()`` for none.
         step_options: further arguments of :func:`curvlab.compare_steps` (``mode``, ``steps``, ``at``,
             ``reference``, ``damping``, ``lr``, ``hyperparameters``).
+        cost: when given (``{}`` for the defaults), the cost of a training step of each optimizer against SGD
+            over a batch-size sweep on the problem's data (:func:`curvlab.cost_study`; these are its further
+            arguments, e.g. ``optimizers``, ``batch_sizes``, ``intervals``, ``repeats``).
         context: facts about the problem shown first in the summary (e.g. how the model was trained).
         progress: show progress bars (stderr).
 
@@ -353,6 +365,7 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
     step_arguments = {"damping": DAMPING, "per_block": True} | dict(step_options or {})
     step_table = (compare_steps(prob, optimizer_names, seed=seed, progress=progress, **step_arguments)
                   if optimizer_names else pd.DataFrame(columns=list(COLUMNS["steps"])))
+    cost_table, cost_notes = _cost(prob, cost, seed, progress)
     seconds = time.perf_counter() - start
     tables = {"summary": _summary_table(prob, seed, mc_samples, context or {}, seconds),
               "parameters": _parameter_table(prob),
@@ -362,15 +375,38 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
               "approximations": _frame(measured.rows, "approximations", {}),
               "approximation_modules": _frame(measured.modules, "approximation_modules", {}),
               "steps": step_table[list(COLUMNS["steps"])].reset_index(drop=True)}
+    if cost_table is not None:
+        tables["cost"] = cost_table
     return Comparison(
         tables=tables,
         eigenvalues=eigenvalues,
         densities=densities,
         approximation_spectra=measured.spectra,
-        findings=_findings(tables["spectra"], tables["approximations"], tables["steps"], prob, mc_samples),
-        notes=_notes(kinds, prob, seed, mc_samples, probes, steps) + _approximation_notes(names) + remarks,
-        provenance=_provenance(seed) | {"seconds": round(seconds, 3)},
+        findings=_findings(tables["spectra"], tables["approximations"], tables["steps"], prob, mc_samples)
+        + (cost_findings(cost_table) if cost_table is not None else []),
+        notes=_notes(kinds, prob, seed, mc_samples, probes, steps) + _approximation_notes(names) + remarks + cost_notes,
+        provenance=provenance(seed) | {"seconds": round(seconds, 3)},
     )
+
+
+def _cost(prob: Problem, options: Mapping[str, object] | None, seed: int,
+          progress: bool) -> tuple[pd.DataFrame | None, list[str]]:
+    """The cost study of ``prob``'s model on all its examples (one batch), and a note on how it was measured."""
+    if options is None:
+        return None, []
+    batches = [(X, y) for _, X, y in prob.batches()]
+    if isinstance(batches[0][0], Mapping):
+        X = {key: torch.cat([batch[0][key] for batch in batches]) for key in batches[0][0]}
+    else:
+        X = torch.cat([X for X, _ in batches])
+    y = torch.cat([y for _, y in batches])
+    arguments = {"seed": seed, "progress": progress} | dict(options)
+    study = cost_study(prob.model, (X, y), loss=prob.loss, params=prob.param_names, **arguments)
+    facts = study.facts
+    note = (f"cost: {facts['processor']} ({facts['threads']} threads), device {facts['device']}, torch "
+            f"{facts['torch']}; median of {facts['repeats']} steps after {facts['warmup']} warm-up step(s); "
+            f"peak memory: {facts['peak memory']}")
+    return study.table, [note]
 
 
 def _frame(rows: list[dict], name: str, dtypes: Mapping[str, str]) -> pd.DataFrame:
@@ -712,7 +748,8 @@ def _notes(kinds: list[str], prob: Problem, seed: int, mc_samples: int, probes: 
     return notes
 
 
-def _provenance(seed: int) -> dict[str, object]:
+def provenance(seed: int) -> dict[str, object]:
+    """When, with which versions, on which platform and from which seed a result was made."""
     from curvlab import __version__  # deferred: curvlab/__init__.py imports this module before setting it
 
     return {
@@ -736,7 +773,8 @@ def _json_cell(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _table_to_json(table: pd.DataFrame) -> dict:
+def table_to_json(table: pd.DataFrame) -> dict:
+    """``table`` as strict JSON: its columns, their dtypes and the rows (see :func:`_json_cell`)."""
     return {
         "columns": list(table.columns),
         "dtypes": [str(dtype) for dtype in table.dtypes],

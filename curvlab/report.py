@@ -10,7 +10,6 @@ into a report directory is kept when the report is replaced.
 """
 
 import base64
-import io
 import json
 import math
 import re
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator
 
 from curvlab.errors import CurvlabError
+from curvlab.figures import png
 
 
 class ReportExists(CurvlabError, FileExistsError):
@@ -166,9 +166,7 @@ def spectrum_figure(eigenvalues: Mapping[str, np.ndarray]) -> bytes:
     for axes in (by_rank, cumulative):
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(figure)
 
 
 def density_figure(densities: Mapping[str, Mapping], eigenvalues: Mapping[str, np.ndarray]) -> bytes:
@@ -198,9 +196,7 @@ def density_figure(densities: Mapping[str, Mapping], eigenvalues: Mapping[str, n
             ax.set(xlabel=xlabel, ylabel="density" if column == 0 else None, title=kind if row == 0 else None)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="x-small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(figure)
 
 
 def error_heatmap(modules: pd.DataFrame) -> bytes:
@@ -212,9 +208,7 @@ def error_heatmap(modules: pd.DataFrame) -> bytes:
     seaborn.heatmap(table, ax=axes, annot=True, fmt=".2f", cmap="viridis_r", vmin=0, vmax=1,
                     cbar_kws={"label": "min_α ‖αA − C‖_F / ‖C‖_F"})
     axes.set(xlabel="approximation", ylabel="module", title="Scaled error of each module's diagonal block")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(figure)
 
 
 def kept_eigenvalues_figure(spectra: Mapping[str, Mapping]) -> bytes:
@@ -238,9 +232,7 @@ def kept_eigenvalues_figure(spectra: Mapping[str, Mapping]) -> bytes:
         ax.legend(fontsize="x-small")
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png(figure)
 
 
 #: The facts of the summary table shown at the top of the report, in this order.
@@ -248,24 +240,34 @@ OVERVIEW = ("model", "data", "parameter selection", "studied parameters P", "exa
             "time taken")
 
 
-def render_html(results: Mapping, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, bytes]) -> str:
-    """The report page for ``results`` (the JSON document), its ``tables`` and PNG ``figures``."""
+def render_page(template: str, results: Mapping, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, bytes],
+                **context) -> str:
+    """The page ``template`` (in ``curvlab/templates``) for ``results`` (the JSON document), its tables and PNG figures.
+
+    Each table reaches the template as its columns, its rows (:func:`table_rows`) and the legend of its
+    columns from ``results["columns"]``; each figure as base64 text; ``context`` as it is.
+    """
     environment = jinja2.Environment(loader=jinja2.PackageLoader("curvlab", "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    template = environment.get_template("report.html.j2")
     rendered_tables = {
         name: {"columns": list(table.columns), "rows": table_rows(table),
                "legend": results.get("columns", {}).get(name, {})}
         for name, table in tables.items()
     }
     images = {name: base64.b64encode(png).decode("ascii") for name, png in figures.items()}
+    return environment.get_template(template).render(results=results, tables=rendered_tables, figures=images,
+                                                     **context)
+
+
+def render_html(results: Mapping, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, bytes]) -> str:
+    """The report page of :func:`curvlab.compare` for ``results`` (the JSON document), its ``tables`` and PNG ``figures``."""
     facts = {}
     if "summary" in tables:
         facts = {quantity: format_value(value) + (f" {unit}" if unit else "")
                  for quantity, value, unit in tables["summary"].astype(object).itertuples(index=False)}
     overview = [(quantity, facts[quantity]) for quantity in OVERVIEW if quantity in facts]
     title = str(facts.get("model", "")).split(",")[0]
-    return template.render(results=results, tables=rendered_tables, figures=images, overview=overview, title=title)
+    return render_page("report.html.j2", results, tables, figures, overview=overview, title=title)
 
 
 def to_json(results: Mapping) -> str:

@@ -6,7 +6,6 @@ steps, the bar charts show the mean over the measured steps with their range as 
 sharpness figure one point per measured step.
 """
 
-import io
 import math
 
 import numpy as np
@@ -15,17 +14,12 @@ import seaborn
 from matplotlib.figure import Figure
 
 from curvlab.errors import InvalidProblem
+from curvlab.figures import png
 
 #: The reference steps, as their cosine columns and as they are labelled.
 REFERENCE_LABELS = {"cos_natural_gradient": "natural gradient (G + λI)⁻¹g",
                     "cos_newton_abs": "saddle-free Newton (|H| + λI)⁻¹g",
                     "cos_newton": "Newton (H + λI)⁻¹g"}
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _whole_model(table: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -67,7 +61,7 @@ def cosine_bars(table: pd.DataFrame) -> bytes:
     axes.tick_params(axis="x", labelrotation=45)
     axes.grid(True, axis="y", alpha=0.3)
     axes.legend(fontsize="small", title=None)
-    return _png(figure)
+    return png(figure)
 
 
 def cosine_heatmap(table: pd.DataFrame, reference: str = "natural_gradient") -> bytes:
@@ -89,7 +83,7 @@ def cosine_heatmap(table: pd.DataFrame, reference: str = "natural_gradient") -> 
     seaborn.heatmap(grid, ax=axes, annot=True, fmt=".2f", cmap="vlag_r", vmin=-1, vmax=1,
                     cbar_kws={"label": f"cos(step, {REFERENCE_LABELS[column]})"})
     axes.set(xlabel="optimizer", ylabel="module", title=f"Per-module agreement with the {reference.replace('_', ' ')} step")
-    return _png(figure)
+    return png(figure)
 
 
 def loss_change_figure(table: pd.DataFrame) -> bytes:
@@ -127,7 +121,7 @@ def loss_change_figure(table: pd.DataFrame) -> bytes:
     axes.set(xlabel="optimizer", ylabel="L(θ − αd) − L(θ)", title="Loss change along each step (whole model)")
     axes.grid(True, axis="y", alpha=0.3)
     axes.legend(fontsize="small")
-    return _png(figure)
+    return png(figure)
 
 
 def sharpness_figure(table: pd.DataFrame) -> bytes:
@@ -156,4 +150,4 @@ def sharpness_figure(table: pd.DataFrame) -> bytes:
     axes.set(xlabel="optimizer", ylabel="eigenvalue", title="Preconditioned sharpness and the edge of stability")
     axes.grid(True, axis="y", which="both", alpha=0.3)
     axes.legend(fontsize="small")
-    return _png(figure)
+    return png(figure)

@@ -35,19 +35,25 @@ class Statistics:
     """What a preconditioner may measure at the current ``θ`` on the current batch.
 
     Attributes:
-        problem: the batch as a :class:`curvlab.Problem` whose studied parameters are the
-            optimizer's (curvature products, KFAC factors, per-example gradients come from it).
+        source: the batch as a :class:`curvlab.Problem` whose studied parameters are the optimizer's, or a
+            function that builds it; :attr:`problem` builds it on first use, so that methods reading only
+            the gradient never pay for it.
         gradient: ``∇L`` of the batch, name -> tensor (the gradient the step preconditions).
         loss: ``L`` of the batch.
         step: the number of steps taken before this one (0 on the first).
         seed: the optimizer's seed; with ``step`` it fixes every random draw (:meth:`generator`).
     """
 
-    problem: Problem
+    source: Problem | Callable[[], Problem]
     gradient: Params
     loss: float
     step: int
     seed: int
+
+    @cached_property
+    def problem(self) -> Problem:
+        """The batch as a :class:`curvlab.Problem` (curvature products, KFAC factors, per-example gradients come from it)."""
+        return self.source if isinstance(self.source, Problem) else self.source()
 
     def seed_for(self, stream: int = 0) -> int:
         """The seed of this step's random draws of kind ``stream`` (labels, probes, sketches): ``(seed · 1000003 + step) · 97 + stream``."""
@@ -55,7 +61,11 @@ class Statistics:
 
     def generator(self, stream: int = 0) -> torch.Generator:
         """A generator on the parameters' device seeded by :meth:`seed_for`; the global RNG is untouched."""
-        return torch.Generator(device=self.problem.device).manual_seed(self.seed_for(stream))
+        if isinstance(self.source, Problem) or not self.gradient:
+            device = self.problem.device
+        else:
+            device = next(iter(self.gradient.values())).device
+        return torch.Generator(device=device).manual_seed(self.seed_for(stream))
 
     @cached_property
     def params(self) -> Params:

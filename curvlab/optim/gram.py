@@ -222,9 +222,10 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
             sub_a, in_indices = _coordinate_sketch(a, sketching_size, generator)
             sub_e, out_indices = _coordinate_sketch(e, sketching_size, generator)
             flat_a, flat_e = sub_a.flatten(1), sub_e.flatten(1)
+            flat_a, flat_e = flat_a.double(), flat_e.double()  # in float32, rounding can make K/N + λI indefinite
             K = (flat_a @ flat_a.T) * (flat_e @ flat_e.T) / e.shape[2]
             eye = torch.eye(count, dtype=K.dtype, device=K.device)
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(K / count + damping * eye))
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(K / count + damping * eye)).to(a.dtype)
             layers[label] = SketchedLayer(weight, bias, a, e, sub_a, sub_e, in_indices, out_indices, inverse)
         return layers
 

@@ -2,7 +2,8 @@
 
 One step at ``θ_t`` on a batch: the batch loss ``L_t`` and gradient ``g_t`` by autograd in the model's
 current mode; on curvature-update steps (``t % curvature_update_interval == 0``) the preconditioner
-folds in the batch's :class:`~curvlab.optim.base.Statistics`; on preconditioner-update steps
+folds in the batch's :class:`~curvlab.optim.base.Statistics`, measured in eval mode as curvlab measures
+every curvature (dropout off, batch-norm statistics fixed; the mode is restored after); on preconditioner-update steps
 (``t % preconditioner_update_interval == 0``) it refreshes its inverse; between updates the stale
 preconditioner is applied to the current gradient, as in ASDL. Then
 
@@ -12,6 +13,7 @@ where the rule adds momentum and weight decay (torch SGD's heavy ball for the cu
 the study, decoupled weight decay for AdamW-like ones).
 """
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ from curvlab.optim.base import Params, Preconditioner, Statistics, identity
 from curvlab.problem import Problem, is_batch, likelihood_of, prepare_input, select_parameters
 
 MOMENTUM_STYLES = ("heavy_ball", "ema")
+#: The parts of a step that ``PreconditionedOptimizer.phase_seconds`` times.
+PHASES = ("gradient", "statistics", "inversion", "application")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             momentum and weight decay).
         preconditioner_state: the preconditioner's state after the last step.
         steps: the number of steps taken.
+        time_phases: when set, each step records :attr:`phase_seconds` (synchronising the device
+            between phases, which costs a little time on a GPU).
+        phase_seconds: seconds of the last timed step in each of :data:`PHASES`: the loss and
+            gradient, the curvature statistics (``accumulate``), the inversion (``refresh``), and
+            the application of ``P⁻¹`` with the update rule and the parameter update.
     """
 
     def __init__(self, model: nn.Module, method: Method, loss="cross_entropy", lr: float = 0.1, *,
@@ -94,6 +103,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._rule_state = method.rule.init(self._values())
         self.steps = 0
         self.last_direction: Params | None = None
+        self.time_phases = False
+        self.phase_seconds: dict[str, float] = {}
 
     def _values(self) -> Params:
         return {name: p.detach() for name, p in self._parameters.items()}
@@ -110,16 +121,13 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         return scale * self.likelihood.loss(output, y)
 
     def statistics_problem(self, batch) -> Problem:
-        """The batch as a :class:`curvlab.Problem` at the current ``θ`` (the model's mode is restored after)."""
-        training = self.model.training
-        try:
-            return Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
-        finally:
-            self.model.train(training)
+        """The batch as a :class:`curvlab.Problem` at the current ``θ`` (it puts the model in eval mode)."""
+        return Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
 
     def step(self, batch=None):
         """One step on ``batch = (X, y)`` (or a closure); returns the batch loss as a float."""
         method = self.method
+        clock = _PhaseClock(next(iter(self._parameters.values())).device if self.time_phases else None)
         if callable(batch):
             if method.preconditioner.needs_statistics:
                 raise InvalidProblem(
@@ -142,21 +150,54 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         values = self._values()
         state = self.preconditioner_state
         pre = method.preconditioner
+        clock.lap("gradient")
         if pre.accumulate is not None and self.steps % method.curvature_update_interval == 0:
-            statistics = Statistics(self.statistics_problem(batch), gradient, loss, self.steps, self.seed)
-            state = pre.accumulate(state, statistics)
+            training = self.model.training
+            self.model.eval()  # curvature is measured as curvlab analyses models: dropout off, batch-norm fixed
+            try:
+                statistics = Statistics(lambda: self.statistics_problem(batch), gradient, loss, self.steps, self.seed)
+                state = pre.accumulate(state, statistics)
+            finally:
+                self.model.train(training)
+        clock.lap("statistics")
         if pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0:
             state = pre.refresh(state)
+        clock.lap("inversion")
         direction, state = pre.apply(gradient, state, values)
         update, self._rule_state = method.rule.apply(direction, self._rule_state, values)
         lr = self.param_groups[0]["lr"]
         with torch.no_grad():
             for name, p in self._parameters.items():
                 p.sub_(update[name], alpha=lr)
+        clock.lap("application")
+        if self.time_phases:
+            self.phase_seconds = clock.seconds
         self.preconditioner_state = state
         self.last_direction = direction
         self.steps += 1
         return loss
+
+
+class _PhaseClock:
+    """Wall-clock seconds between successive :meth:`lap` calls, the device synchronised at each (off for ``None``)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._synchronize()
+        self._last = time.perf_counter()
+
+    def _synchronize(self):
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lap(self, phase: str) -> None:
+        if self.device is None:
+            return
+        self._synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
 
 
 def one_shot(method: Method, problem: Problem, seed: int = 0) -> tuple[Params, Callable[[Params], Params] | None]:

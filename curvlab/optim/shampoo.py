@@ -83,7 +83,7 @@ def power_iteration(matrix: torch.Tensor, tolerance: float = 1e-6, max_iteration
 
 
 def coupled_newton_inverse_root(matrix: torch.Tensor, p: int, tolerance: float = 1e-6, max_iterations: int = 100,
-                                growth_guard: bool = False) -> torch.Tensor:
+                                growth_guard: bool = False, rounding_floor: float = 0.0) -> torch.Tensor:
     """``X ≈ A^{-1/p}`` for a symmetric positive definite ``A`` ``(n, n)`` by the coupled Newton iteration.
 
     Guo & Higham (2006) as Anil et al. use it: ``z = (1+p)/(2‖A‖_F)``, ``X = z^{1/p} I``, ``M = z A``;
@@ -91,7 +91,8 @@ def coupled_newton_inverse_root(matrix: torch.Tensor, p: int, tolerance: float =
     ``M = X^p A``, so ``X`` is within a relative ``≈ max|M − I|·n/p`` of the root. ``growth_guard`` stops,
     keeping the previous ``X``, when the error grows by more than 1.2× (ASDL's ``ComputePower``): the
     entrywise error often grows on the first iteration of a convergent run, and the guard then returns
-    the scaled identity ``z^{1/p} I`` instead of the root.
+    the scaled identity ``z^{1/p} I`` instead of the root. Below ``rounding_floor`` an error that stops
+    falling ends the iteration: in float32 the tolerance can lie below what rounding allows.
 
     Examples:
         >>> import torch
@@ -111,7 +112,7 @@ def coupled_newton_inverse_root(matrix: torch.Tensor, p: int, tolerance: float =
         candidate = root @ step
         coupled = torch.linalg.matrix_power(step, p) @ coupled
         new_error = torch.max(torch.abs(coupled - identity))
-        if growth_guard and new_error > 1.2 * error:
+        if (growth_guard and new_error > 1.2 * error) or (error < rounding_floor and new_error >= error):
             break
         root, error = candidate, new_error
     return root
@@ -142,25 +143,26 @@ class ShampooState(NamedTuple):
 
 def asdl_inverse_root(statistic: torch.Tensor, p: int, damping: float,
                       compat: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ASDL's ``ComputePower``: ``(F + ε λ_max(F) I)^{-1/p}`` by coupled Newton, and the statistic to keep.
+    """ASDL's ``ComputePower``: ``(F + ε λ_max(F) I)^{-1/p}``, and the statistic to keep.
 
-    ``λ_max`` comes from :func:`power_iteration`. By default the statistic is kept as it was and Newton
-    runs to its tolerance; with ``compat="asdl"`` the ridge is added to the stored statistic (so it
-    accumulates over refreshes, OPTIMIZERS.md §17.4), Newton stops when its error grows by 1.2×, and a
-    ``(1, 1)`` factor's root is 1, as in ASDL. The root is computed in float64 whatever the statistic's
-    dtype. A low-rank statistic accumulated in float32 can have eigenvalues below ``−ε λ_max`` from
-    rounding alone, on which Newton diverges; by default its root is then taken by :func:`eigh_inverse_root`
-    with the same ridge, which lifts the spectrum to at least ``ε λ_max`` (ASDL returns non-finite numbers).
+    ``λ_max`` comes from :func:`power_iteration`. By default the root is exact up to rounding: it comes from
+    ``eigh`` in float64 (:func:`eigh_inverse_root`, which also lifts eigenvalues that rounding pushed below
+    the ridge: a low-rank statistic accumulated in float32 can be indefinite, where Newton diverges and ASDL
+    returns non-finite numbers), and the statistic is kept as it was. With ``compat="asdl"`` the root comes
+    from ASDL's coupled Newton iteration in the statistic's dtype (in float32 until its error stops falling
+    below 1e-3, where rounding limits it) with its 1.2× growth guard, the ridge is added to the stored
+    statistic (so it accumulates over refreshes, OPTIMIZERS.md §17.4), and a ``(1, 1)`` factor's root is 1.
     """
-    if compat == "asdl" and statistic.shape[0] == 1:
-        return torch.ones_like(statistic), statistic
+    if compat == "asdl":
+        if statistic.shape[0] == 1:
+            return torch.ones_like(statistic), statistic
+        ridge = damping * power_iteration(statistic)
+        ridged = statistic + ridge * torch.eye(statistic.shape[0], dtype=statistic.dtype, device=statistic.device)
+        floor = 1e-3 if statistic.dtype != torch.float64 else 0.0
+        return coupled_newton_inverse_root(ridged, p, growth_guard=True, rounding_floor=floor), ridged
     wide = statistic.double()
-    ridge = damping * power_iteration(wide)
-    ridged = wide + ridge * torch.eye(wide.shape[0], dtype=wide.dtype, device=wide.device)
-    root = coupled_newton_inverse_root(ridged, p, growth_guard=compat == "asdl")
-    if compat is None and not torch.isfinite(root).all():
-        root = eigh_inverse_root(wide, p, float(ridge))
-    return root.to(statistic.dtype), ridged.to(statistic.dtype) if compat == "asdl" else statistic
+    root = eigh_inverse_root(wide, p, float(damping * power_iteration(wide)))
+    return root.to(statistic.dtype), statistic
 
 
 def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_update_interval: int = 1,
