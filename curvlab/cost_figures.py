@@ -35,8 +35,8 @@ def _measured(table: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
 def ratio_figure(table: pd.DataFrame, column: str = "time_ratio") -> bytes:
     """A PNG: ``column`` (a ratio to SGD) against the batch size, one line per optimizer.
 
-    One panel per model (columns) and update interval (rows); both axes logarithmic; the dashed line
-    at 1 is SGD.
+    One panel per model (columns) and update interval (rows; peak memory, which does not depend on the
+    interval, only for the smallest); both axes logarithmic; the dashed line at 1 is SGD.
 
     Examples:
         >>> import pandas as pd
@@ -52,7 +52,7 @@ def ratio_figure(table: pd.DataFrame, column: str = "time_ratio") -> bytes:
     if rows.empty:
         raise InvalidProblem(f"the table has no finite {column}")
     models = list(dict.fromkeys(rows["model"]))
-    intervals = sorted(set(rows["interval"]))
+    intervals = sorted(set(rows["interval"]))[:1 if column == "memory_ratio" else None]
     order = list(dict.fromkeys(rows["optimizer"]))
     palette = dict(zip(order, seaborn.color_palette("tab20", len(order))))
     figure = Figure(figsize=(4.2 * len(models) + 2.2, 3.2 * len(intervals) + 0.6), dpi=100, layout="constrained")

@@ -27,6 +27,7 @@ correct step while ``Q = I``, so only fits after the first differ.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -58,6 +59,11 @@ class KronFactors:
     groups: list[tuple[str, list[str], Layout]]
     factors: list[list[torch.Tensor]]
     fits: int = 0
+
+    @cached_property
+    def products(self) -> list[list[torch.Tensor]]:
+        """Per group, ``[Q_lᵀQ_l, Q_rᵀQ_r]``: formed once per fit, not at every step that applies them."""
+        return [[q.T @ q for q in qs] for qs in self.factors]
 
 
 def preconditioned_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:
@@ -127,8 +133,8 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
 
         def apply_to(grads):
             direction = dict(grads)
-            for (_, names, layout), qs in zip(state.groups, state.factors):
-                rows = layout.to_rows(mode_product(_matrix(grads, names, layout)[None], [q.T @ q for q in qs]))
+            for (_, names, layout), products in zip(state.groups, state.products):
+                rows = layout.to_rows(mode_product(_matrix(grads, names, layout)[None], products))
                 sizes = [grads[name].numel() for name in names]
                 for name, piece in zip(names, rows[0].split(sizes)):
                     direction[name] = piece.reshape(grads[name].shape)
