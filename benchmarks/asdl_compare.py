@@ -3,18 +3,26 @@
 ASDL 0.1a5 (PyPI ``asdfghjkl``, import name ``asdl``) is the reference implementation of the seed study.
 For every method both implement, a training step on the seed study's MLP 784-2048-2048-10 (ReLU),
 cross-entropy, float32, is measured with :func:`curvlab.cost.measure` (median of ``--repeats`` steps after
-one warm-up step; peak memory from the model copy onwards): ASDL's gradient maker
+one warm-up step; peak memory from the model copy onwards), each measurement in a fresh Python process so
+that neither implementation inherits the other's allocator state: ASDL's gradient maker
 (``forward_and_backward``) followed by ``torch.optim.SGD`` with momentum 0.9, and
 ``curvlab.optim.make(name, compat="asdl")`` (whose heavy-ball momentum 0.9 is the same rule). Both update
 their curvature and preconditioner every step with damping 1e-3 (Shampoo: ASDL's relative ridge 1e-12;
 PSGD: its own defaults; K-FAC with the MC Fisher, EKFAC with the empirical Fisher, the only one ASDL's
-EKFAC supports). Prints a Markdown table and writes ``asdl-<device>.json`` next to this file.
+EKFAC supports). Each ASDL method is also checked to change the gradient it is given
+(``asdl_preconditions``, on its second step): ASDL 0.1a5's ``EkfacGradientMaker`` does not (its ``precondition`` is called
+with ``use_inv=True``, which its eigenbasis skips), so its step is SGD plus EKFAC's statistics and is
+compared with curvlab's step without the application (``curvlab_seconds_without_application``). Prints a
+Markdown table and writes ``asdl-<device>.json`` next to this file.
 
 Usage: ``pip install asdfghjkl==0.1a5; python benchmarks/asdl_compare.py [--repeats 5] [--threads 2] [--device cpu]
 [--batch 128]``
 """
 
 import copy
+import json
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -68,29 +76,76 @@ def asdl_builder(model, maker, X, y):
     return build
 
 
-def curvlab_builder(model, name, options, X, y):
+def curvlab_builder(model, name, options, X, y, phases=None):
     def build():
+        if phases is not None:
+            phases.clear()
         opt = curvlab.optim.make(name, copy.deepcopy(model).train(), lr=1e-3, **options)
-        return lambda: opt.step((X, y))
+        opt.time_phases = phases is not None
+
+        def step():
+            loss = opt.step((X, y))
+            if phases is not None:
+                phases.append(dict(opt.phase_seconds))
+            return loss
+
+        return step
 
     return build
 
 
-def main() -> None:
-    args = arguments(__doc__, repeats=5)
+def preconditions(model, maker, X, y) -> bool:
+    """Whether ASDL's gradient maker, on its second call (some initialise on the first), changes the gradient."""
+    plain, tested = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    F.cross_entropy(plain(X), y).backward()
+    gradient_maker = maker(tested)
+    for _ in range(2):
+        tested.zero_grad(set_to_none=True)
+        dummy = gradient_maker.setup_model_call(tested, X)
+        gradient_maker.setup_loss_call(F.cross_entropy, dummy, y)
+        gradient_maker.forward_and_backward()
+    return any(not torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), tested.parameters()))
+
+
+def measure_one(args, name: str, implementation: str) -> dict:
+    """One implementation of one method in this process: seconds, peak MiB (and phases or the gradient check)."""
     model, X, y, _ = seed_mlp(args)
+    maker, options = asdl_makers(args.batch)[name]
+    phases = []
+    build = (asdl_builder(model, maker, X, y) if implementation == "asdl"
+             else curvlab_builder(model, name, options, X, y, phases))
+    result = measure(build, args.device, args.repeats, 1)
+    record = {"seconds": result.seconds,
+              "peak_mib": result.peak_bytes / 2**20 if result.peak_bytes is not None else None}
+    if implementation == "asdl":
+        record["preconditions"] = preconditions(model, maker, X, y)
+    else:
+        record["seconds_without_application"] = statistics.median(
+            sum(p[phase] for phase in ("gradient", "statistics", "inversion")) for p in phases[1:])
+    return record
+
+
+def main() -> None:
+    if "--one" in sys.argv:
+        position = sys.argv.index("--one")
+        name, implementation = sys.argv[position + 1:position + 3]
+        del sys.argv[position:position + 3]
+        print(json.dumps(measure_one(arguments(__doc__, repeats=5), name, implementation)))
+        return
+    args = arguments(__doc__, repeats=5)
+    forwarded = [f"--repeats={args.repeats}", f"--threads={args.threads}", f"--device={args.device}",
+                 f"--batch={args.batch}"]
     rows = []
-    for name, (maker, options) in asdl_makers(args.batch).items():
+    for name, (_, options) in asdl_makers(args.batch).items():
         row = {"method": name, "curvlab_options": dict(options)}
-        for implementation, build in (("asdl", asdl_builder(model, maker, X, y)),
-                                      ("curvlab", curvlab_builder(model, name, options, X, y))):
-            try:
-                result = measure(build, args.device, args.repeats, 1)
-                row[f"{implementation}_seconds"] = result.seconds
-                row[f"{implementation}_peak_mib"] = (result.peak_bytes / 2**20 if result.peak_bytes is not None
-                                                     else None)
-            except Exception as error:  # a reference that fails on this model is recorded, not fatal
-                row[f"{implementation}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        for implementation in ("asdl", "curvlab"):
+            run = subprocess.run([sys.executable, __file__, "--one", name, implementation, *forwarded],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                row.update({f"{implementation}_{key}": value
+                            for key, value in json.loads(run.stdout.splitlines()[-1]).items()})
+            else:  # a reference that fails on this model is recorded, not fatal
+                row[f"{implementation}_error"] = (run.stderr.strip().splitlines() or ["exit " + str(run.returncode)])[-1][:160]
         rows.append(row)
     print_table(["method", "ASDL s/step", "curvlab s/step", "curvlab / ASDL", "ASDL peak MiB", "curvlab peak MiB",
                  "curvlab / ASDL"], [_cells(row) for row in rows])
@@ -107,8 +162,11 @@ def _cells(row: dict) -> list[str]:
             return "—"
         return f"{row[a] / row[b]:.2f}"
 
+    time_ratio = ratio("curvlab_seconds", "asdl_seconds")
+    if row.get("asdl_preconditions") is False:  # ASDL's step is SGD plus statistics: compare without the application
+        time_ratio = f"{ratio('curvlab_seconds_without_application', 'asdl_seconds')} (without the application, which ASDL skips)"
     return [row["method"], number("asdl_seconds", ".3f"), number("curvlab_seconds", ".3f"),
-            ratio("curvlab_seconds", "asdl_seconds"), number("asdl_peak_mib", ".0f"),
+            time_ratio, number("asdl_peak_mib", ".0f"),
             number("curvlab_peak_mib", ".0f"), ratio("curvlab_peak_mib", "asdl_peak_mib")]
 
 

@@ -129,7 +129,9 @@ def measure(build: Callable[[], Callable[[], object]], device: str | torch.devic
     """Time ``step = build()``: ``warmup`` untimed calls, then the median of ``repeats`` timed calls.
 
     Memory is counted from just before ``build()``, so the peak includes what ``build`` creates (a
-    model copy, the optimizer's state) and every step's temporaries.
+    model copy, the optimizer's state) and every step's temporaries. Before that, one step of a
+    throwaway ``build()`` primes the process: what it loads once (libraries, lazily imported modules,
+    thread pools; ``torch.func``'s first call imports ~80 MB of ``torch._dynamo``) is not counted.
 
     Examples:
         >>> import torch
@@ -144,6 +146,7 @@ def measure(build: Callable[[], Callable[[], object]], device: str | torch.devic
     repeats = require_integer("repeats", repeats)
     warmup = require_integer("warmup", warmup, minimum=0)
     meter = _PeakMemory(device) if _PeakMemory.available(device) else None
+    build()()
     if meter is not None:
         meter.start()
     step = build()
@@ -262,9 +265,13 @@ def interval_hyperparameters(name: str, interval: int) -> dict[str, int]:
 
 def _optimizer_builder(name: str, model: nn.Module, loss, batch, lr: float, names: list[str], hyperparameters: dict,
                        seed: int, interval: int, phases: list[dict[str, float]]):
-    """A fresh ``curvlab.optim`` optimizer on a copy of ``model`` updating every ``interval`` steps, timing each step's phases."""
+    """A fresh ``curvlab.optim`` optimizer on a copy of ``model`` updating every ``interval`` steps, timing each step's phases.
+
+    Each build starts ``phases`` afresh, so that it holds the phases of the last build's steps.
+    """
 
     def build():
+        phases.clear()
         copy_, _ = _trainable_copy(model, names)
         opt = optim.make(name, copy_, loss=loss, lr=lr, params=names, seed=seed,
                          **{**hyperparameters, **interval_hyperparameters(name, interval)})
@@ -350,9 +357,6 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
     for name in names:
         optim.method(name, **hyperparameters.get(name, {}))  # unknown names and hyperparameters fail here, before any timing
 
-    # Discarded: the first measurement in a process also pays torch's one-time set-up.
-    measure(_sgd_builder(model, loss, _batch((X, y), sizes[0], device, first.dtype), lr, trained), device, repeats,
-            warmup)
     rows = []
     failed: dict[str, str] = {}
     bar = tqdm(total=len(sizes) * (len(names) + 1), desc=f"cost of {label}", disable=not progress, leave=False)

@@ -195,6 +195,26 @@ class Problem:
         self._data = _as_batches(data)
         self._scan()
 
+    def with_batch(self, batch, terms: int, loss: float) -> "Problem":
+        """This problem on one other batch ``(X, y)`` at the model's current ``θ``, without the checking forward pass.
+
+        For a caller that has already run the model on ``batch`` and validated its targets (an
+        optimizer step): ``terms`` is the batch's number of loss terms (``likelihood.validate``) and
+        ``loss`` its loss, which :meth:`loss_value` returns. The model's determinism, checked when this
+        problem was built, is not checked again.
+        """
+        if not is_batch(batch):
+            raise InvalidProblem(f"with_batch takes one batch (X, y), got {type(batch).__name__}")
+        other = copy.copy(self)
+        other.model = self.model.eval()
+        other._all_params = {name: p.detach() for name, p in self.model.named_parameters()}
+        other._data = [tuple(batch)]
+        other.num_examples = _batch_size(batch[0])
+        other.num_terms = terms
+        other.reduction_factor = 1.0 if self.reduction == "sum" else 1.0 / terms
+        other._loss_value = loss
+        return other
+
     @property
     def data(self) -> Iterable:
         """The batches ``(X, y)`` as given (one batch becomes a list of one)."""

@@ -274,3 +274,33 @@ def test_tensor_dataloader_is_accepted_as_data(device):
         rtol=1e-10,
         atol=1e-12,
     )
+
+
+@pytest.mark.parametrize("case_name", ["mlp_ce", "transformer"])
+def test_with_batch_is_the_problem_built_on_that_batch(case_name, device):
+    """An optimizer's cheap re-use of its problem on a new batch: products, gradient, counts as a fresh Problem."""
+    case = models.make_case(case_name, device)
+    X, y = case.data
+    first, second = (X[:3], y[:3]), (X[3:], y[3:])
+    built = curvlab.Problem(case.model, first, case.loss)
+    with torch.no_grad():
+        terms = built.likelihood.validate(case.model(second[0]), second[1])
+    fresh = curvlab.Problem(case.model, second, case.loss)
+    reused = built.with_batch(second, terms, fresh.loss_value())
+    assert (reused.num_examples, reused.num_terms, reused.reduction_factor) == (
+        fresh.num_examples, fresh.num_terms, fresh.reduction_factor)
+    torch.testing.assert_close(reused.gradient(), fresh.gradient(), rtol=0, atol=0)
+    v = torch.randn(fresh.num_params, dtype=fresh.dtype, device=fresh.device)
+    torch.testing.assert_close(curvlab.curvature(reused, "ggn") @ v, curvlab.curvature(fresh, "ggn") @ v, rtol=0, atol=0)
+    assert built.num_examples == 3  # the original is untouched
+
+
+def test_optimizer_stops_with_a_clear_error_once_its_loss_is_non_finite():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = curvlab.optim.make("kfac", model, lr=1.0, damping=1e-2)
+    X, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    opt.step((X, y))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(curvlab.InvalidProblem, match="non-finite"):
+        opt.step((X, y))

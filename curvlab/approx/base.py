@@ -337,6 +337,9 @@ class Approximation(CurvatureOperator):
                 raise ValueError(f"block {label!r} has size {block.size}, its parameters {size}")
 
     def _matmat(self, rows):
+        if len(self.blocks) == 1 and isinstance(self._index[0], slice):  # one block in flat order: no gather, no scatter
+            result = self.blocks[0][2].matmat(rows).to(rows.dtype)
+            return result.clone() if result.data_ptr() == rows.data_ptr() else result
         result = torch.empty_like(rows)
         for index, (_, _, block) in zip(self._index, self.blocks):
             result[:, index] = block.matmat(rows[:, index].contiguous()).to(rows.dtype)

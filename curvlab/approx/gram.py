@@ -193,7 +193,7 @@ class GramBlock(Block):
     def matmat(self, rows):
         core = (self.project(rows) @ self.basis) * self.coefficients
         result = self.combine(core @ self.basis.T)
-        return result + self.shift * rows if self.shift else result
+        return result.add_(rows, alpha=self.shift) if self.shift else result
 
     def inverse(self, damping):
         d = self.shift + damping

@@ -273,6 +273,58 @@ def ekfac_eigenvalues(problem: Problem, bases: dict[str, tuple[torch.Tensor, tor
     return _eigenvalues(taps, layers, output_columns(problem, curvature, mc_samples, seed), bases)
 
 
+def eigenbasis_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors ``Q`` ``(d, d)`` of ``XᵀX`` for rows ``X`` ``(m, d)``.
+
+    With ``m < d`` they are the right singular vectors of ``X`` completed to an orthonormal basis
+    (``O(m d²)``, ASDL's choice; the completion spans the null space, where ``XᵀX`` is 0); otherwise
+    ``eigh(XᵀX)`` (``O(d³)``).
+    """
+    if rows.shape[0] < rows.shape[1]:
+        return torch.linalg.svd(rows, full_matrices=True).Vh.T
+    return torch.linalg.eigh(rows.T @ rows)[1]
+
+
+def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int = 1,
+                   seed: int = 0) -> tuple[dict[str, tuple], dict[tuple[str, str], torch.Tensor]]:
+    """EKFAC's bases and eigenvalues of :func:`ekfac` (expand, separate bias) in one pass, keeping every batch's rows.
+
+    Returns ``label -> (Q_B, Q_A)`` and ``(label, "weight" | "bias") -> S`` as :func:`ekfac_eigenvalues`.
+    The bases come from the layers' input rows ``a_nt`` and output-gradient rows ``e_nkt``
+    (:func:`eigenbasis_of_rows`; a basis is unique up to rotations within eigenspaces, which leave
+    ``EKFAC`` unchanged where ``S`` is constant, as on the null space). The rows of all batches are
+    held at once: meant for one mini-batch (an optimizer's curvature step).
+    """
+    mc_samples = _check(curvature, "expand", False, mc_samples, seed, {})
+    taps, layers, _ = _plan(problem, False)
+    inputs_of = {layer.label for layer in layers if layer.weight is not None}
+    kept = []
+    for inputs, gradients in taps.statistics(inputs_of, output_columns(problem, curvature, mc_samples, seed)):
+        kept.append((inputs, [(e, weight) for e, weight in gradients]))
+    rows_A = {label: torch.cat([inputs[label].reshape(-1, inputs[label].shape[-1]) for inputs, _ in kept])
+              for label in inputs_of}
+    rows_B = {layer.label: torch.cat([g[layer.label].reshape(-1, g[layer.label].shape[-1]) * weight ** 0.5
+                                      for _, gradients in kept for g, weight in gradients]) for layer in layers}
+    bases = {label: (eigenbasis_of_rows(rows_B[label]), eigenbasis_of_rows(rows_A[label]) if label in rows_A else None)
+             for label in rows_B}
+    del rows_A, rows_B
+    S = {}
+    for inputs, gradients in kept:
+        rotated = {label: a @ bases[label][1] for label, a in inputs.items()}
+        for e, weight in gradients:
+            for layer in layers:
+                r = e[layer.label] @ bases[layer.label][0]
+                shares = []
+                if layer.weight is not None:
+                    shares.append(("weight", _squared_gradients(r, rotated[layer.label])))
+                if layer.bias is not None:
+                    shares.append(("bias", r.sum(2).square().sum((0, 1))))
+                for part, share in shares:
+                    key = layer.label, part
+                    S[key] = share.mul_(weight) if key not in S else S[key].add_(share, alpha=weight)
+    return bases, S
+
+
 def kfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expand", joint_bias: bool = False,
          mc_samples: int = 1, seed: int = 0, **unknown) -> Approximation:
     """KFAC: ``B ⊗ A`` per Linear / Conv2d layer, exact blocks for the other modules.
@@ -316,7 +368,7 @@ def ekfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expan
     """EKFAC: KFAC's Kronecker eigenbasis with eigenvalues refitted to the curvature's diagonal in it.
 
     Takes the arguments of :func:`kfac`; ``kfac_approx`` chooses the factors whose eigenbasis is
-    used. Two passes over the data.
+    used. Two passes over the data (:func:`ekfac_one_pass` takes one, keeping the rows).
 
     Returns:
         An :class:`~curvlab.approx.Approximation` of :class:`EigenbasisBlock` s (and :class:`DenseBlock` s

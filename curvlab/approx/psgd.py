@@ -157,19 +157,21 @@ def kron_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:
     return groups
 
 
-def lie_group_step(factors: list[torch.Tensor], v: torch.Tensor, h: torch.Tensor, lr: float) -> list[torch.Tensor]:
+def lie_group_step(factors: list[torch.Tensor], v: torch.Tensor, h: torch.Tensor, lr: float,
+                   asdl_b: bool = False) -> list[torch.Tensor]:
     """One PSGD step of the upper-triangular ``Q_i`` ``(d_i, d_i)`` on one pair ``v``, ``h`` ``(d_1, …, d_m)``.
 
     The balance (two factors), ``A``, ``B``, ``∇_i`` and the normalised update of the module
-    docstring; returns the new factors.
+    docstring; returns the new factors. ``asdl_b`` takes ASDL's transposed ``B = V ×_i Q_i⁻¹``
+    instead of ``V ×_i Q_i⁻ᵀ`` (OPTIMIZERS.md §17; the balance leaves either unchanged).
     """
     if len(factors) == 2:
         rho = torch.sqrt(factors[0].diagonal().max() / factors[1].diagonal().max())
         factors = [factors[0] / rho, factors[1] * rho]
     eye = [torch.eye(q.shape[0], dtype=q.dtype, device=q.device) for q in factors]
-    inverse_transposes = [torch.linalg.solve_triangular(q, i, upper=True).T for q, i in zip(factors, eye)]
+    inverses = [torch.linalg.solve_triangular(q, i, upper=True) for q, i in zip(factors, eye)]
     A = mode_product(h[None], factors)[0]
-    B = mode_product(v[None], inverse_transposes)[0]
+    B = mode_product(v[None], inverses if asdl_b else [inverse.T for inverse in inverses])[0]
     tiny = torch.finfo(h.dtype).tiny
     stepped = []
     for mode, q in enumerate(factors):

@@ -54,7 +54,7 @@ def heavy_ball(momentum: float = 0.0, dampening: float = 0.0, weight_decay: floa
         if buffers is None:
             buffers = {name: value.clone() for name, value in d.items()}
         else:
-            buffers = tree_map(lambda b, g: momentum * b + (1 - dampening) * g, buffers, d)
+            buffers = tree_map(lambda b, g: b.mul(momentum).add_(g, alpha=1 - dampening), buffers, d)
         if nesterov:
             return tree_map(lambda g, b: g + momentum * b, d, buffers), buffers
         return dict(buffers), buffers

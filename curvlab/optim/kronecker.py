@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from curvlab.approx.kfac import CURVATURES, KFAC_APPROX, ekfac_eigenvalues, foof as foof_approximation
+from curvlab.approx.kfac import CURVATURES, KFAC_APPROX, ekfac_eigenvalues, ekfac_one_pass, foof as foof_approximation
 from curvlab.approx.kfac import kfac_factors, output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer, require_number
@@ -95,8 +95,9 @@ def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
 
 def cholesky_inverse(factor: torch.Tensor, damping: float) -> FactorInverse:
     """``(F + λI)⁻¹`` by Cholesky (ASDL's ``cholesky_inv``)."""
-    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    return FactorInverse(matrix=torch.cholesky_inverse(_cholesky(factor + damping * eye, "Kronecker factor")))
+    damped = factor.clone()
+    damped.diagonal().add_(damping)
+    return FactorInverse(matrix=torch.cholesky_inverse(_cholesky(damped, "Kronecker factor")))
 
 
 def woodbury_inverse(rows: torch.Tensor, damping: float) -> FactorInverse:
@@ -255,9 +256,12 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
         return replace(state, layers=layers, factors=state.factors.update(statistics_of(statistics, layers)))
 
     def refresh(state):
-        if state.factors.count == 0:
+        if not state.factors.total:
             return state
-        return replace(state, inverses=inverses_of(state.factors.value(debias), state.layers))
+        inverses = inverses_of(state.factors.value(debias), state.layers)
+        if decay == -1:  # local curvature: the factors are spent once inverted (a refresh without new ones keeps these inverses)
+            return replace(state, factors=replace(state.factors, total={}), inverses=inverses)
+        return replace(state, inverses=inverses)
 
     def linear(state):
         return lambda v: kronecker_direction(v, state.layers, state.inverses, joint_bias=joint_bias,
@@ -486,7 +490,8 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
     curvature's diagonal in that basis (:func:`curvlab.approx.kfac.ekfac_eigenvalues`); the bias
     gets ``Q_B`` and its own ``s``; plain damping ``λ`` is added to the eigenvalues. Local mode
     (``ema_decay=-1``): the basis and ``S`` of the latest curvature batch, i.e.
-    :func:`curvlab.approx.kfac.ekfac` on it. Global mode (``β``): bias-corrected moving averages of
+    :func:`curvlab.approx.kfac.ekfac` on it, in one pass (:func:`~curvlab.approx.kfac.ekfac_one_pass`:
+    the bases from SVDs of the layers' rows when a batch has fewer rows than features). Global mode (``β``): bias-corrected moving averages of
     the factors (the basis is recomputed from them on preconditioner updates) and of ``S``, each
     batch's ``S`` measured in the current basis (as the paper's algorithm).
 
@@ -505,11 +510,12 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
     def accumulate(state, statistics):
         layers = state.layers or kronecker_layers(statistics)
         seed = statistics.seed_for()
+        if decay == -1:
+            bases, S = ekfac_one_pass(statistics.problem, curvature, mc_samples=mc_samples, seed=seed)
+            return replace(state, layers=layers, extra={"S": state.extra["S"].update(S), "bases": bases})
         batch = kfac_factors(statistics.problem, curvature, mc_samples=mc_samples, seed=seed)
         factors = state.factors.update(batch)
-        bases = state.extra.get("bases")
-        if decay == -1 or bases is None:
-            bases = _eigenbases(factors.value())
+        bases = state.extra.get("bases") or _eigenbases(factors.value())
         S = ekfac_eigenvalues(statistics.problem, bases, curvature, mc_samples=mc_samples, seed=seed)
         return replace(state, layers=layers, factors=factors,
                        extra={"S": state.extra["S"].update(S), "bases": bases})

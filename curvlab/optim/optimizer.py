@@ -13,6 +13,7 @@ where the rule adds momentum and weight decay (torch SGD's heavy ball for the cu
 the study, decoupled weight decay for AdamW-like ones).
 """
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -77,7 +78,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     Attributes:
         last_direction: name -> tensor, ``Δ = P⁻¹ g`` of the last step (before learning rate,
-            momentum and weight decay).
+            momentum and weight decay); a parameter the method leaves unpreconditioned shares its
+            ``.grad`` tensor (the step does not copy gradients: zero them with ``set_to_none=True``,
+            torch's default, to keep it).
         preconditioner_state: the preconditioner's state after the last step.
         steps: the number of steps taken.
         time_phases: when set, each step records :attr:`phase_seconds` (synchronising the device
@@ -105,6 +108,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.last_direction: Params | None = None
         self.time_phases = False
         self.phase_seconds: dict[str, float] = {}
+        self._problem: Problem | None = None
+        self._terms = 0
 
     def _values(self) -> Params:
         return {name: p.detach() for name, p in self._parameters.items()}
@@ -116,13 +121,24 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         X = prepare_input(X, first.dtype, first.device)
         y = self.likelihood.prepare_target(y.to(first.device), first.dtype)
         output = self.model(**X) if isinstance(X, Mapping) else self.model(X)
-        terms = self.likelihood.validate(output.detach(), y)
-        scale = 1.0 if self.reduction == "sum" else 1.0 / terms
+        self._terms = self.likelihood.validate(output.detach(), y)
+        scale = 1.0 if self.reduction == "sum" else 1.0 / self._terms
         return scale * self.likelihood.loss(output, y)
 
-    def statistics_problem(self, batch) -> Problem:
-        """The batch as a :class:`curvlab.Problem` at the current ``θ`` (it puts the model in eval mode)."""
-        return Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
+    def statistics_problem(self, batch, loss: float | None = None) -> Problem:
+        """The batch as a :class:`curvlab.Problem` at the current ``θ`` (it puts the model in eval mode).
+
+        The first one is built with every check of :class:`~curvlab.Problem`; later ones reuse it on the
+        new batch (:meth:`~curvlab.Problem.with_batch`) with the loss and term count of this step's own
+        forward pass, which has validated the batch. A non-finite ``loss`` means diverged parameters.
+        """
+        if loss is not None and not math.isfinite(loss):
+            raise InvalidProblem(f"the batch loss is {loss} (non-finite): the parameters diverged; lower the "
+                                 f"learning rate or raise the damping")
+        if self._problem is None or loss is None or not is_batch(batch):
+            self._problem = Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
+            return self._problem
+        return self._problem.with_batch(batch, self._terms, loss)
 
     def step(self, batch=None):
         """One step on ``batch = (X, y)`` (or a closure); returns the batch loss as a float."""
@@ -144,7 +160,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             raise InvalidProblem(
                 f"step takes one batch (X, y) or a closure, got {type(batch).__name__}"
             )
-        gradient = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+        # After our own zero_grad the step owns the fresh .grad tensors; a closure's may be reused by its caller.
+        owned = not callable(batch)
+        gradient = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach() if owned else p.grad.detach().clone()
                     for name, p in self._parameters.items()}
         loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         values = self._values()
@@ -155,7 +173,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             training = self.model.training
             self.model.eval()  # curvature is measured as curvlab analyses models: dropout off, batch-norm fixed
             try:
-                statistics = Statistics(lambda: self.statistics_problem(batch), gradient, loss, self.steps, self.seed)
+                statistics = Statistics(lambda: self.statistics_problem(batch, loss), gradient, loss, self.steps, self.seed)
                 state = pre.accumulate(state, statistics)
             finally:
                 self.model.train(training)

@@ -79,17 +79,6 @@ def _matrix(parts: dict[str, torch.Tensor], names: list[str], layout: Layout) ->
     return layout.to_tensor(torch.cat([parts[name].reshape(1, -1) for name in names], dim=1))[0]
 
 
-def asdl_probe(factors: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
-    """``V' = V ×_i Q_iᵀ Q_i⁻¹``: the probe for which the correct ``B = V' ×_i Q_i⁻ᵀ`` is ASDL's ``V ×_i Q_i⁻¹``.
-
-    For two factors ``B = Q_l⁻ᵀ V' Q_r⁻¹ = Q_l⁻¹ V Q_r⁻ᵀ``. ``Q_iᵀ Q_i⁻¹`` is unchanged by the balance's
-    rescaling of ``Q_i``, so the balanced step sees ASDL's ``B``.
-    """
-    mixers = [q.T @ torch.linalg.solve_triangular(q, torch.eye(q.shape[0], dtype=q.dtype, device=q.device), upper=True)
-              for q in factors]
-    return mode_product(v[None], mixers)[0]
-
-
 def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_scale: float = 1.0,
                         compat: str | None = None) -> Preconditioner:
     """PSGD-Kron's ``g ↦ P g`` (module docstring); ``accumulate`` takes one Lie-group step per call.
@@ -120,10 +109,8 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
         v_parts, h_parts = problem.unflatten(kept), problem.unflatten(h)
         factors = []
         for (_, names, layout), qs in zip(state.groups, state.factors):
-            probe = _matrix(v_parts, names, layout)
-            if compat == "asdl":
-                probe = asdl_probe(qs, probe)
-            factors.append(lie_group_step(qs, probe, _matrix(h_parts, names, layout), precond_lr))
+            factors.append(lie_group_step(qs, _matrix(v_parts, names, layout), _matrix(h_parts, names, layout),
+                                          precond_lr, asdl_b=compat == "asdl"))
         return KronFactors(state.groups, factors, state.fits + 1)
 
     def precondition(state):
@@ -183,5 +170,5 @@ def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float 
                         interval)
 
 
-__all__ = ["FORMS", "KronFactors", "asdl_probe", "kron_preconditioner", "preconditioned_groups",
+__all__ = ["FORMS", "KronFactors", "kron_preconditioner", "preconditioned_groups",
            "psgd_kron"]
