@@ -178,16 +178,18 @@ def _squared_gradients(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _eigenvalues(taps: KroneckerLayers, layers: list[_Layer], columns: Cotangents, bases: dict) -> dict:
-    """EKFAC's eigenvalues: ``(label, "weight" | "bias") -> S``, the curvature's diagonal in the bases ``(Q_B, Q_A)``."""
+def _eigenvalues(statistics, layers: list[_Layer], bases: dict) -> dict:
+    """EKFAC's eigenvalues: ``(label, "weight" | "bias") -> S``, the curvature's diagonal in the bases ``(Q_B, Q_A)``.
+
+    ``statistics`` are the ``(inputs, gradients)`` pairs of :meth:`KroneckerLayers.statistics`.
+    """
     by_label = {layer.label: layer for layer in layers}
     S = {}
 
     def add(key, share):
         S[key] = share if key not in S else S[key].add_(share)
 
-    inputs_of = {layer.label for layer in layers if layer.weight is not None}
-    for inputs, gradients in taps.statistics(inputs_of, columns):
+    for inputs, gradients in statistics:
         rotated = {label: (_with_ones(a) if by_label[label].joint else a) @ bases[label][1]
                    for label, a in inputs.items()}
         for e, weight in gradients:
@@ -270,7 +272,8 @@ def ekfac_eigenvalues(problem: Problem, bases: dict[str, tuple[torch.Tensor, tor
     """
     mc_samples = _check(curvature, "expand", joint_bias, mc_samples, seed, {})
     taps, layers, _ = _plan(problem, joint_bias)
-    return _eigenvalues(taps, layers, output_columns(problem, curvature, mc_samples, seed), bases)
+    inputs_of = {layer.label for layer in layers if layer.weight is not None}
+    return _eigenvalues(taps.statistics(inputs_of, output_columns(problem, curvature, mc_samples, seed)), layers, bases)
 
 
 def eigenbasis_of_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -308,21 +311,7 @@ def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int 
     bases = {label: (eigenbasis_of_rows(rows_B[label]), eigenbasis_of_rows(rows_A[label]) if label in rows_A else None)
              for label in rows_B}
     del rows_A, rows_B
-    S = {}
-    for inputs, gradients in kept:
-        rotated = {label: a @ bases[label][1] for label, a in inputs.items()}
-        for e, weight in gradients:
-            for layer in layers:
-                r = e[layer.label] @ bases[layer.label][0]
-                shares = []
-                if layer.weight is not None:
-                    shares.append(("weight", _squared_gradients(r, rotated[layer.label])))
-                if layer.bias is not None:
-                    shares.append(("bias", r.sum(2).square().sum((0, 1))))
-                for part, share in shares:
-                    key = layer.label, part
-                    S[key] = share.mul_(weight) if key not in S else S[key].add_(share, alpha=weight)
-    return bases, S
+    return bases, _eigenvalues(kept, layers, bases)
 
 
 def kfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expand", joint_bias: bool = False,
@@ -391,7 +380,8 @@ def ekfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expan
     A, B = _factors(taps, layers, columns, kfac_approx)
     bases = {label: (torch.linalg.eigh(B[label])[1], torch.linalg.eigh(A[label])[1] if label in A else None)
              for label in B}
-    S = _eigenvalues(taps, layers, columns, bases)
+    inputs_of = {layer.label for layer in layers if layer.weight is not None}
+    S = _eigenvalues(taps.statistics(inputs_of, columns), layers, bases)
     blocks = _kronecker_blocks(
         layers,
         lambda layer: EigenbasisBlock(list(bases[layer.label]), S[layer.label, "weight"], layer.layout),

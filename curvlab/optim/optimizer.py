@@ -125,17 +125,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         scale = 1.0 if self.reduction == "sum" else 1.0 / self._terms
         return scale * self.likelihood.loss(output, y)
 
-    def statistics_problem(self, batch, loss: float | None = None) -> Problem:
+    def statistics_problem(self, batch, loss: float) -> Problem:
         """The batch as a :class:`curvlab.Problem` at the current ``θ`` (it puts the model in eval mode).
 
         The first one is built with every check of :class:`~curvlab.Problem`; later ones reuse it on the
         new batch (:meth:`~curvlab.Problem.with_batch`) with the loss and term count of this step's own
         forward pass, which has validated the batch. A non-finite ``loss`` means diverged parameters.
         """
-        if loss is not None and not math.isfinite(loss):
+        if not math.isfinite(loss):
             raise InvalidProblem(f"the batch loss is {loss} (non-finite): the parameters diverged; lower the "
                                  f"learning rate or raise the damping")
-        if self._problem is None or loss is None or not is_batch(batch):
+        if self._problem is None:
             self._problem = Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
             return self._problem
         return self._problem.with_batch(batch, self._terms, loss)
@@ -161,9 +161,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 f"step takes one batch (X, y) or a closure, got {type(batch).__name__}"
             )
         # After our own zero_grad the step owns the fresh .grad tensors; a closure's may be reused by its caller.
-        owned = not callable(batch)
-        gradient = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach() if owned else p.grad.detach().clone()
+        gradient = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach()
                     for name, p in self._parameters.items()}
+        if callable(batch):
+            gradient = {name: g.clone() for name, g in gradient.items()}
         loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         values = self._values()
         state = self.preconditioner_state
