@@ -349,7 +349,11 @@ def run_report(options: dict, suffix: str, analyse: Callable) -> None:
     out = options["out"] or Path("reports") / f"{model_name(options['model'])}{suffix}"
 
     def work():
-        result = analyse(load_problem(options), not options["quiet"])
+        study = load_problem(options)
+        writes = study.problem.rank == 0  # under torchrun every rank analyses its shard; rank 0 reports
+        result = analyse(study, writes and not options["quiet"])
+        if not writes:
+            return None
         result.provenance["options"] = options_record(options)
         return result.to_html(out, force=options["force"], progress=not options["quiet"])
 
@@ -365,7 +369,8 @@ def options_record(options: dict) -> dict:
 def run_guarded(options: dict, out: Path, work: Callable) -> None:
     """Check that a report may be written to ``out``, run ``work()`` (which writes it) and print the path it returns.
 
-    Every error leaves as one line on stderr and its exit status (module docstring).
+    Every error leaves as one line on stderr and its exit status (module docstring). ``work()`` returns
+    ``None`` on the ranks other than 0 of a data-parallel run, which print nothing.
     """
     import torch
 
@@ -392,7 +397,10 @@ def run_guarded(options: dict, out: Path, work: Callable) -> None:
             traceback.print_exc()
         hint = "the traceback is above" if options["debug"] else "run with --debug for the traceback"
         fail(f"internal error: {type(err).__name__}: {err} ({hint})", EXIT_INTERNAL)
-    click.echo(str(index))
+    finally:
+        _leave_process_group()
+    if index is not None:
+        click.echo(str(index))
 
 
 @cli.command(epilog="Exit status: 0 success, 2 bad input, 3 out of memory, 130 interrupted, 1 internal error.")
@@ -462,14 +470,15 @@ def load_problem(options: dict) -> Study:
     device = torch.device(options["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidProblem("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    group, device = _join_process_group(device)
     dtype = getattr(torch, options["dtype"]) if options["dtype"] else None
     if options["model"] is None:
         if options["data"] is not None:
             raise InvalidProblem("--data needs a MODEL file: the built-in model comes with its own data (MNIST-1D)")
         extra = {} if options["max_examples"] is None else {"analysis_examples": options["max_examples"]}
         builtin = curvlab.zoo.default_problem(options["seed"], dtype=dtype or torch.float64, device=device,
-                                              progress=not options["quiet"], **extra)
-        if all(options[key] is None for key in ("loss", "reduction", "params", "batch_size")):
+                                              progress=not options["quiet"] and group is None, **extra)
+        if group is None and all(options[key] is None for key in ("loss", "reduction", "params", "batch_size")):
             return Study(builtin.problem, dict(builtin.facts))
         batches = [(X, y) for _, X, y in builtin.problem.batches()]
         model, (X, y) = builtin.problem.model, _joined(batches)
@@ -497,13 +506,61 @@ def load_problem(options: dict) -> Study:
             context["loading"] = "; ".join(loaded.notes)
     if options["max_examples"] is not None and options["model"] is not None:
         X, y = _first(X, options["max_examples"]), y[:options["max_examples"]]
-    batches = _split(X, y, options["batch_size"])
+    size = options["batch_size"]
+    if group is not None and size is None:
+        size = -(-len(y) // torch.distributed.get_world_size())
+    batches = _split(X, y, size)
     if options["params"] is not None:
         context["parameter selection"] = f"names matching {options['params']!r}"
-    if options["batch_size"] is not None:
-        context["batches"] = f"{len(batches)} of at most {options['batch_size']} examples"
-    problem = curvlab.Problem(model, batches, loss=loss, params=options["params"], reduction=reduction)
+    if size is not None:
+        context["batches"] = f"{len(batches)} of at most {size} examples"
+    if group is not None:
+        batches = _shard(batches)
+        context["data parallel"] = (f"{torch.distributed.get_world_size()} processes (torchrun, "
+                                    f"{torch.distributed.get_backend()}), each holding a contiguous run of the batches")
+    problem = curvlab.Problem(model, batches, loss=loss, params=options["params"], reduction=reduction,
+                              process_group=group)
     return Study(problem, context)
+
+
+def _join_process_group(device):
+    """``(group, device)``: under torchrun (``WORLD_SIZE`` > 1) the default process group, joined here
+    (gloo on CPU, NCCL on CUDA, each rank on GPU ``LOCAL_RANK``), else ``(None, device)``."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.group.WORLD, device
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group of a data-parallel run, if one was joined (torch is never imported here)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _shard(batches: list) -> list:
+    """This rank's contiguous run of ``batches`` (the first ranks take one more when they do not divide evenly)."""
+    import torch.distributed as dist
+
+    from curvlab.errors import InvalidProblem
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if len(batches) < size:
+        raise InvalidProblem(f"{len(batches)} batches for {size} processes: every process needs at least one; "
+                             f"give a smaller --batch-size or run fewer processes")
+    base, extra = divmod(len(batches), size)
+    start = rank * base + min(rank, extra)
+    return batches[start:start + base + (1 if rank < extra else 0)]
 
 
 def require_dense(problem) -> None:

@@ -338,6 +338,9 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
                              f"got {optimizer_names}")
     require_integer("probes", probes)
     require_integer("steps", steps, minimum=2)
+    if prob.process_group is not None and (cost is not None or (step_options or {}).get("mode") == "trajectory"):
+        raise InvalidProblem("the cost study and trajectory steps train in one process; with a process group (torchrun) "
+                             "leave out the cost study and use one-shot steps")
     start = time.perf_counter()
     operators = {kind: curvature(prob, kind, mc_samples=mc_samples, seed=seed) for kind in kinds}
     rows, tops, layers, eigenvalues, densities, matrices, remarks = [], [], [], {}, {}, {}, []

@@ -15,6 +15,7 @@ Every function takes a whole batch (leading dimension N) and acts per example.
 import math
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,10 +64,13 @@ class Likelihood(ABC):
         """
 
     @abstractmethod
-    def sample(self, output: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, output: torch.Tensor, samples: int, generator: torch.Generator,
+               part: tuple[int, int] | None = None) -> torch.Tensor:
         """Targets drawn from the predictive distribution: shape ``(samples, *target_shape)``.
 
         Random numbers come from the CPU ``generator`` in float64 so that CPU and GPU draw the same labels.
+        ``part = (offset, total)``: ``output`` holds examples ``offset`` to ``offset + N`` of a batch of
+        ``total``; the numbers drawn are those of the whole batch, and these examples get their share.
         """
 
 
@@ -113,9 +117,9 @@ class CrossEntropy(Likelihood):
         root = p.sqrt()
         return torch.diag_embed(root) - p.unsqueeze(-1) * root.unsqueeze(-2)
 
-    def sample(self, output, samples, generator):
+    def sample(self, output, samples, generator, part=None):
         cdf = output.detach().to(torch.float64).softmax(-1).cumsum(-1).cpu()
-        u = torch.rand((samples, *cdf.shape[:-1], 1), generator=generator, dtype=torch.float64)
+        u = _draw(torch.rand, (samples, *cdf.shape[:-1], 1), generator, part)
         labels = torch.searchsorted(cdf.expand(samples, *cdf.shape).contiguous(), u).squeeze(-1)
         return labels.clamp_(max=output.shape[-1] - 1).to(output.device)
 
@@ -141,8 +145,8 @@ class MeanSquaredError(Likelihood):
     def hessian_sqrt(self, output):
         return torch.full((*output.shape, 1), math.sqrt(2.0), dtype=output.dtype, device=output.device)
 
-    def sample(self, output, samples, generator):
-        noise = torch.randn((samples, *output.shape), generator=generator, dtype=torch.float64)
+    def sample(self, output, samples, generator, part=None):
+        noise = _draw(torch.randn, (samples, *output.shape), generator, part)
         return output.detach() + math.sqrt(0.5) * noise.to(device=output.device, dtype=output.dtype)
 
 
@@ -174,10 +178,25 @@ class BinaryCrossEntropy(Likelihood):
         p = output.sigmoid()
         return (p * (1 - p)).sqrt().unsqueeze(-1)
 
-    def sample(self, output, samples, generator):
-        u = torch.rand((samples, *output.shape), generator=generator, dtype=torch.float64)
+    def sample(self, output, samples, generator, part=None):
+        u = _draw(torch.rand, (samples, *output.shape), generator, part)
         p = output.detach().to(torch.float64).sigmoid().cpu()
         return (u < p).to(device=output.device, dtype=output.dtype)
+
+
+def _draw(draw, shape: tuple, generator: torch.Generator, part: tuple[int, int] | None) -> torch.Tensor:
+    """``draw`` (``torch.rand`` or ``torch.randn``) of ``shape`` ``(samples, N, …)`` in float64; with ``part = (offset,
+    total)`` the draw for all ``total`` examples, of which examples ``offset`` to ``offset + N`` are kept."""
+    if part is None:
+        return draw(shape, generator=generator, dtype=torch.float64)
+    offset, total = part
+    return draw((shape[0], total, *shape[2:]), generator=generator, dtype=torch.float64)[:, offset:offset + shape[1]]
+
+
+def label_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator batch ``index``'s labels are drawn from, derived from ``(seed, index)`` alone."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
 LIKELIHOODS = {cls.name: cls for cls in (CrossEntropy, MeanSquaredError, BinaryCrossEntropy)}

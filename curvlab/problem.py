@@ -17,7 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, RandomSampler
 
 from curvlab.errors import InvalidProblem
-from curvlab.likelihoods import LIKELIHOODS, Likelihood
+from curvlab.likelihoods import LIKELIHOODS, Likelihood, label_generator
+from curvlab.parallel import check_group, concat_over_ranks, gather_counts, raise_together, rank_and_size, sum_over_ranks
 
 _LOSS_MODULES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce"}
 
@@ -154,7 +155,10 @@ class Problem:
             ``"mse"``, ``"bce"`` (with logits), or the equivalent ``torch.nn`` loss module.
         params: ``None`` (all trainable), a list of parameter names, or a regex searched in each name.
         reduction: ``"mean"`` or ``"sum"``, as torch's loss would reduce.
-        process_group: reserved for data-parallel analysis, which curvlab does not implement yet.
+        process_group: ``None``, or a ``torch.distributed`` process group: then ``data`` is this rank's
+            shard (shards may differ in size; none may be empty) and every loss, gradient, product
+            and statistic is that of the union of the shards, taken in rank order, each rank receiving
+            the same result. A ``DistributedDataParallel`` model is analysed through its ``module``.
 
     Examples:
         >>> import torch, curvlab
@@ -167,9 +171,9 @@ class Problem:
     def __init__(self, model: nn.Module, data, loss="cross_entropy", params=None, reduction: str = "mean",
                  process_group=None):
         if process_group is not None:
-            raise InvalidProblem(
-                "data-parallel analysis (process_group) is not implemented yet; run in one process"
-            )
+            check_group(process_group)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         if not isinstance(model, nn.Module):
             raise InvalidProblem(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if reduction not in ("mean", "sum"):
@@ -178,6 +182,8 @@ class Problem:
         self.loss = loss
         self.likelihood = likelihood_of(loss, reduction)
         self.reduction = reduction
+        self.process_group = process_group
+        self.rank, self.world_size = rank_and_size(process_group)
         self.param_names = select_parameters(model, params)
         named = dict(model.named_parameters())
         self._all_params = {name: p.detach() for name, p in named.items()}
@@ -193,6 +199,7 @@ class Problem:
                 f"non-finite values (nan or inf) in parameter(s) {', '.join(bad)}; load a healthy checkpoint"
             )
         self._data = _as_batches(data)
+        self.batch_offset, self.batch_part = 0, None
         self._scan()
 
     def with_batch(self, batch, terms: int, loss: float) -> "Problem":
@@ -201,7 +208,9 @@ class Problem:
         For a caller that has already run the model on ``batch`` and validated its targets (an
         optimizer step): ``terms`` is the batch's number of loss terms (``likelihood.validate``) and
         ``loss`` its loss, which :meth:`loss_value` returns. The model's determinism, checked when this
-        problem was built, is not checked again.
+        problem was built, is not checked again. With a process group, ``batch`` is this rank's share of
+        the step's one batch (``batch_part``: where its examples lie in the union, rank after rank), and
+        the counts and the loss are those of the union.
         """
         if not is_batch(batch):
             raise InvalidProblem(f"with_batch takes one batch (X, y), got {type(batch).__name__}")
@@ -209,10 +218,19 @@ class Problem:
         other.model = self.model.eval()
         other._all_params = {name: p.detach() for name, p in self.model.named_parameters()}
         other._data = [tuple(batch)]
-        other.num_examples = _batch_size(batch[0])
-        other.num_terms = terms
+        other.batch_offset, other.num_batches = 0, 1
+        examples = _batch_size(batch[0])
+        summed = loss if self.reduction == "sum" else loss * terms
+        if self.process_group is not None:
+            shares = concat_over_ranks(torch.tensor([[examples, terms, summed]], dtype=torch.float64, device=self.device),
+                                       self.process_group)
+            offset = int(shares[:self.rank, 0].sum())
+            examples, terms, summed = shares.sum(0).tolist()
+            examples, terms = int(examples), int(terms)
+            other.batch_part = (offset, examples)
+        other.num_examples, other.num_terms = examples, terms
         other.reduction_factor = 1.0 if self.reduction == "sum" else 1.0 / terms
-        other._loss_value = loss
+        other._loss_value = loss if self.process_group is None else other.reduction_factor * summed
         return other
 
     @property
@@ -246,8 +264,12 @@ class Problem:
         return self.reduction_factor * self.likelihood.loss(self.forward(params, X), y)
 
     def batches(self) -> Iterator[tuple[int, object, torch.Tensor]]:
-        """``(index, X, y)`` for every batch, on the parameters' device and dtype."""
-        for index, batch in enumerate(self._data):
+        """``(index, X, y)`` for every batch of this rank, on the parameters' device and dtype.
+
+        ``index`` numbers the batches of all ranks in rank order (``batch_offset`` + the local position),
+        so what is seeded by it (Monte-Carlo labels) is the same as in one process holding all shards.
+        """
+        for index, batch in enumerate(self._data, start=self.batch_offset):
             if not is_batch(batch):
                 raise InvalidProblem(
                     f"batch {index} is not a pair (X, y) of tensors (X may be a dict of tensors), "
@@ -258,49 +280,68 @@ class Problem:
                 y.to(self.device), self.dtype)
 
     def _scan(self) -> None:
-        """One forward pass over the data: shapes, labels, finiteness, counts and determinism."""
-        examples = terms = 0
+        """One forward pass over the data: shapes, labels, finiteness, counts and determinism.
+
+        With a process group the counts and the loss are summed over the ranks, the batches are
+        numbered globally (``batch_offset``: the batches of the ranks before this one), and an
+        invalid batch on any rank raises on every rank.
+        """
+        examples = terms = batches = 0
         total = 0.0
-        with torch.no_grad(), differentiable_kernels():
-            for index, X, y in self.batches():
-                size = _batch_size(X)
-                if y.ndim == 0 or y.shape[0] != size:
-                    raise InvalidProblem(
-                        f"batch {index}: {size} inputs but targets of shape {tuple(y.shape)}; "
-                        f"give one target per example"
-                    )
-                try:
-                    output = self.forward(self.params, X)
-                except Exception as err:
-                    raise InvalidProblem(
-                        f"the model failed on batch {index}: {type(err).__name__}: {err}"
-                    ) from err
-                if not isinstance(output, torch.Tensor):
-                    raise InvalidProblem(
-                        f"the model must return one tensor of outputs, got {type(output).__name__}; "
-                        f"wrap it so that forward returns the logits/predictions"
-                    )
-                terms += self.likelihood.validate(output, y)
-                loss = self.likelihood.loss(output, y)
-                if not torch.isfinite(loss):
-                    raise InvalidProblem(
-                        f"the loss is not finite on batch {index} ({loss.item()}); check the inputs "
-                        f"for nan/inf and the model for overflow"
-                    )
-                if index == 0 and not torch.equal(output, self.forward(self.params, X)):
-                    raise InvalidProblem(
-                        "the model's outputs differ between two identical forward passes in eval mode "
-                        "(randomness in forward?); curvature needs a deterministic function: remove "
-                        "the random operations or make them respect model.training"
-                    )
-                examples += size
-                total += loss.item()
-        if examples == 0:
+        error = None
+        try:
+            with torch.no_grad(), differentiable_kernels():
+                for index, X, y in self.batches():
+                    size, batch_terms, batch_loss = self._check_batch(index, X, y)
+                    examples, terms, batches, total = examples + size, terms + batch_terms, batches + 1, total + batch_loss
+            if self.process_group is not None and examples == 0:
+                raise InvalidProblem(
+                    f"rank {self.rank}'s shard of the data is empty; give every rank at least one example"
+                )
+        except InvalidProblem as err:
+            error = err
+        raise_together(error, self.process_group)
+        counts = sum_over_ranks(torch.tensor([examples, terms, total], dtype=torch.float64, device=self.device),
+                                self.process_group).tolist()
+        per_rank = gather_counts(batches, self.process_group)
+        if counts[0] == 0:
             raise InvalidProblem("the dataset is empty: give at least one example")
-        self.num_examples = examples
-        self.num_terms = terms
-        self.reduction_factor = 1.0 if self.reduction == "sum" else 1.0 / terms
-        self._loss_value = self.reduction_factor * total
+        self.batch_offset = sum(per_rank[:self.rank])
+        self.num_batches = sum(per_rank)
+        self.num_examples, self.num_terms = int(counts[0]), int(counts[1])
+        self.reduction_factor = 1.0 if self.reduction == "sum" else 1.0 / self.num_terms
+        self._loss_value = self.reduction_factor * counts[2]
+
+    def _check_batch(self, index: int, X, y: torch.Tensor) -> tuple[int, int, float]:
+        """Batch ``index``'s examples, loss terms and summed loss, after checking it fits the model and loss."""
+        size = _batch_size(X)
+        if y.ndim == 0 or y.shape[0] != size:
+            raise InvalidProblem(
+                f"batch {index}: {size} inputs but targets of shape {tuple(y.shape)}; give one target per example"
+            )
+        try:
+            output = self.forward(self.params, X)
+        except Exception as err:
+            raise InvalidProblem(f"the model failed on batch {index}: {type(err).__name__}: {err}") from err
+        if not isinstance(output, torch.Tensor):
+            raise InvalidProblem(
+                f"the model must return one tensor of outputs, got {type(output).__name__}; "
+                f"wrap it so that forward returns the logits/predictions"
+            )
+        terms = self.likelihood.validate(output, y)
+        loss = self.likelihood.loss(output, y)
+        if not torch.isfinite(loss):
+            raise InvalidProblem(
+                f"the loss is not finite on batch {index} ({loss.item()}); check the inputs "
+                f"for nan/inf and the model for overflow"
+            )
+        if index == 0 and not torch.equal(output, self.forward(self.params, X)):
+            raise InvalidProblem(
+                "the model's outputs differ between two identical forward passes in eval mode "
+                "(randomness in forward?); curvature needs a deterministic function: remove "
+                "the random operations or make them respect model.training"
+            )
+        return size, terms, loss.item()
 
     def loss_value(self) -> float:
         """``L(θ)`` on all data."""
@@ -312,7 +353,20 @@ class Problem:
         with differentiable_kernels():
             for _, X, y in self.batches():
                 total += self.flatten(grad(self.batch_loss)(self.params, X, y))
-        return total
+        return self.reduce(total)
+
+    def sample_targets(self, index: int, output: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+        """Targets ``(samples, *target_shape)`` drawn from the model's predictive distribution at batch ``index``'s ``output``.
+
+        The random numbers come from a generator seeded by ``(seed, index)`` alone; for a batch split over
+        ranks (:meth:`with_batch`) every rank draws those of the whole batch and keeps its examples' share,
+        so the labels are those one process would draw.
+        """
+        return self.likelihood.sample(output, samples, label_generator(seed, index), self.batch_part)
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A sum over this rank's data replaced in place by the sum over all ranks' data (one all-reduce), and returned."""
+        return sum_over_ranks(tensor, self.process_group)
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], leading: int = 0) -> torch.Tensor:
         """Concatenate per-parameter tensors of shape ``(*lead, *shape)`` into ``(*lead, P)``."""

@@ -131,7 +131,8 @@ def loss_at(problem: Problem, theta: torch.Tensor) -> float:
     """``L(θ')`` on all of ``problem``'s data for the flat studied parameters ``θ'`` ``(P,)``."""
     params = problem.unflatten(theta.to(dtype=problem.dtype, device=problem.device))
     with torch.no_grad(), differentiable_kernels():
-        return float(sum(problem.batch_loss(params, X, y) for _, X, y in problem.batches()))
+        local = sum(problem.batch_loss(params, X, y) for _, X, y in problem.batches())
+        return float(problem.reduce(torch.as_tensor(local, dtype=problem.dtype, device=problem.device).reshape(1)))
 
 
 def line_search(problem: Problem, direction: torch.Tensor, start: float) -> tuple[float, float]:
@@ -311,7 +312,12 @@ def capture_step(make_optimizer: Callable, prob: Problem) -> CapturedStep:
             with differentiable_kernels():
                 loss = sum(prob.batch_loss(live, X, y) for _, X, y in prob.batches())
             loss.backward()
-            return loss
+            if prob.process_group is None:
+                return loss
+            for p in params:  # the loss and gradient of all ranks' data
+                if p.grad is not None:
+                    prob.reduce(p.grad)
+            return prob.reduce(loss.detach().reshape(1)).reshape(())
 
         with torch.enable_grad():
             loss = optimizer.step(closure)
@@ -372,7 +378,8 @@ def _steps_to_measure(steps, at) -> list[int]:
 
 def _snapshot(prob: Problem, model: torch.nn.Module) -> Problem:
     """A problem on a copy of ``model`` (at its current ``θ``) with ``prob``'s data, loss and parameters."""
-    return Problem(copy.deepcopy(model), prob.data, prob.loss, params=prob.param_names, reduction=prob.reduction)
+    return Problem(copy.deepcopy(model), prob.data, prob.loss, params=prob.param_names, reduction=prob.reduction,
+                   process_group=prob.process_group)
 
 
 def _trajectory_rows(prob, name, method, lr, hyper, when, seed, damping, reference, per_block) -> list[dict]:
@@ -445,6 +452,9 @@ def compare_steps(prob: Problem, optimizers: Sequence[str] | None = None, refere
     damping, reference = _check_damping_and_reference(damping, reference)
     if mode not in MODES:
         raise InvalidProblem(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "trajectory" and prob.process_group is not None:
+        raise InvalidProblem("mode='trajectory' trains on the problem's batches one at a time in one process; with a "
+                             "process group use mode='one_shot'")
     names = _optimizer_names(optimizers)
     rates = _learning_rates(names, lr)
     hyperparameters = dict(hyperparameters or {})

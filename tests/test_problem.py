@@ -304,3 +304,12 @@ def test_optimizer_stops_with_a_clear_error_once_its_loss_is_non_finite():
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(curvlab.InvalidProblem, match="non-finite"):
         opt.step((X, y))
+
+
+def test_a_process_group_without_torch_distributed_is_refused():
+    model = torch.nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(curvlab.InvalidProblem, match="torch.distributed is not initialised"):
+        curvlab.Problem(model, batch, process_group=object())
+    with pytest.raises(curvlab.InvalidProblem, match="torch.distributed is not initialised"):
+        curvlab.optim.make("kfac", model, process_group=object())

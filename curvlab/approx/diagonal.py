@@ -29,7 +29,6 @@ from curvlab.errors import InvalidProblem, require_integer
 from curvlab.operators import KINDS
 from curvlab.operators import curvature as curvature_operator
 from curvlab.operators.base import exact_diagonal as operator_exact_diagonal
-from curvlab.operators.fisher_mc import label_generator
 from curvlab.operators.gradient_second_moment import batch_gradient
 from curvlab.problem import Problem
 
@@ -74,11 +73,9 @@ def hessian_sqrt_columns(problem: Problem, output: torch.Tensor) -> torch.Tensor
 def sqgrad_diagonal(problem: Problem) -> torch.Tensor:
     """``(1/B) Σ_b ḡ_b ⊙ ḡ_b`` ``(P,)``, the diagonal of the gradient second moment, one batch at a time."""
     total = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
-    count = 0
     for _, X, y in problem.batches():
         total += batch_gradient(problem, X, y).square()
-        count += 1
-    return total / count
+    return problem.reduce(total) / problem.num_batches
 
 
 def exact_diagonal(problem: Problem, curvature_kind: str, mc_samples: int = 1, seed: int = 0) -> torch.Tensor:
@@ -91,7 +88,7 @@ def exact_diagonal(problem: Problem, curvature_kind: str, mc_samples: int = 1, s
         return R * squared_pullbacks(problem, lambda index, output, y: likelihood.output_grad(output, y)[None])
     if curvature_kind == "fisher_mc":  # fisher_mc's labels, drawn from the outputs of the pass that uses them
         return R * squared_pullbacks(problem, lambda index, output, y: likelihood.output_grad(
-            output, likelihood.sample(output, mc_samples, label_generator(seed, index))) / mc_samples ** 0.5)
+            output, problem.sample_targets(index, output, mc_samples, seed)) / mc_samples ** 0.5)
     if curvature_kind == "gradient_second_moment":
         return sqgrad_diagonal(problem)
     return operator_exact_diagonal(curvature_operator(problem, curvature_kind, seed=seed), progress=False)

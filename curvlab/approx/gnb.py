@@ -35,13 +35,12 @@ from torch.func import vjp
 from curvlab.approx.base import Approximation
 from curvlab.approx.diagonal import diagonal_approximation, require_kind
 from curvlab.errors import InvalidProblem, require_integer
-from curvlab.operators.fisher_mc import label_generator
 from curvlab.problem import Problem, differentiable_kernels
 
 
 def _estimate(problem: Problem, labels_for: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``d̂`` with batch b's labels ``labels_for(b, outputs, y)`` ``(S, *y.shape)``, drawn from the one forward pass."""
-    R = problem.reduction_factor
+    R, split = problem.reduction_factor, problem.batch_part is not None
     total = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
     with torch.no_grad(), differentiable_kernels():
         for index, X, y in problem.batches():
@@ -49,12 +48,17 @@ def _estimate(problem: Problem, labels_for: Callable[[int, torch.Tensor, torch.T
             labels = labels_for(index, output, y)
             residuals = R * problem.likelihood.output_grad(output, labels)
             for residual in residuals:
-                total += problem.flatten(pullback(residual)[0]).square_() / (R * len(residuals))
-    return total
+                gradient = problem.flatten(pullback(residual)[0])
+                if split:  # one batch over the ranks: its gradient is the sum of theirs
+                    problem.reduce(gradient)
+                total += gradient.square_() / (R * len(residuals))
+    return total if split else problem.reduce(total)
 
 
 def gnb_diagonal(problem: Problem, targets: list[torch.Tensor]) -> torch.Tensor:
     """``d̂ = (1/R) Σ_b (1/S) Σ_s g̃_bs ⊙ g̃_bs`` ``(P,)`` at given labels, ``targets[b]`` ``(S, *y_b.shape)``.
+
+    ``targets`` are this rank's: one tensor per batch of its shard, in order.
 
     Examples:
         >>> import torch, curvlab
@@ -69,12 +73,13 @@ def gnb_diagonal(problem: Problem, targets: list[torch.Tensor]) -> torch.Tensor:
     count = sum(1 for _ in problem.batches())
 
     def given(index, output, y):
-        if len(targets) != count or targets[index].shape[1:] != y.shape:
+        position = index - problem.batch_offset
+        if len(targets) != count or targets[position].shape[1:] != y.shape:
             raise InvalidProblem(
                 f"targets must hold one (samples, *labels) tensor per batch ({count}) matching its labels; got "
                 f"{len(targets)} tensors, batch {index} has labels {tuple(y.shape)}: use FisherMC.sampled_targets()"
             )
-        return targets[index].to(device=y.device, dtype=y.dtype)
+        return targets[position].to(device=y.device, dtype=y.dtype)
 
     return _estimate(problem, given)
 
@@ -93,8 +98,7 @@ def gnb_estimate(problem: Problem, samples: int = 1, seed: int = 0) -> torch.Ten
     """
     samples = require_integer("samples", samples)
     seed = require_integer("seed", seed, minimum=0)
-    return _estimate(problem, lambda index, output, y: problem.likelihood.sample(
-        output, samples, label_generator(seed, index)))
+    return _estimate(problem, lambda index, output, y: problem.sample_targets(index, output, samples, seed))
 
 
 def diag_gnb(problem: Problem, curvature: str = "ggn", samples: int = 1, seed: int = 0) -> Approximation:

@@ -45,6 +45,7 @@ from torch.func import grad, vjp, vmap
 from curvlab.approx.base import Approximation, Block, eigen_power
 from curvlab.approx.kronecker_statistics import shared_parameters
 from curvlab.errors import InvalidProblem, require_integer
+from curvlab.parallel import common_to_ranks, concat_over_ranks, max_over_ranks
 from curvlab.problem import Problem, differentiable_kernels
 
 CURVATURES = ("empirical_fisher",)
@@ -294,6 +295,8 @@ def _pad_positions(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _capture(problem: Problem):
     """Per-example gradients of all studied parameters, as Linear ``(a, e)`` pairs and explicit rows.
 
+    With a process group, every rank gets the examples of all ranks, in rank order.
+
     Returns:
         ``linear``: module name -> :class:`LinearGradients`; ``explicit``: name -> ``(N, numel)``.
     """
@@ -316,6 +319,7 @@ def _capture(problem: Problem):
             eligible &= {name for name, calls in recorder.inputs.items() if _batch_first(calls, probe)}
             batches.append((X, y, {name: [(y.shape[0], *shape[1:]) for shape in shapes]
                                    for name, shapes in recorder.output_shapes.items()}))
+    eligible = common_to_ranks(eligible, problem.process_group)
     recorder.layers = {name: recorder.layers[name] for name in eligible}
     fallback = [name for name in problem.param_names
                 if not any(name in candidates[layer][1] for layer in eligible)]
@@ -347,14 +351,21 @@ def _capture(problem: Problem):
                 grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(subset, X, y)
                 for name in fallback:
                     explicit[name].append(root * grads[name].detach().flatten(1))
+    group = problem.process_group
     linear = {}
-    for name in eligible:
+    for name in sorted(eligible):
         names = candidates[name][1]
         prefix = f"{name}." if name else ""
-        inputs, out_grads = (_pad_positions(tensors).detach() for tensors in pairs[name])
+        inputs, out_grads = (_gathered_positions(_pad_positions(tensors).detach(), group) for tensors in pairs[name])
         linear[name] = LinearGradients(names, inputs, out_grads, weight=f"{prefix}weight" in names,
                                        bias=f"{prefix}bias" in names)
-    return linear, {name: torch.cat(rows) for name, rows in explicit.items()}
+    return linear, {name: concat_over_ranks(torch.cat(rows), group) for name, rows in explicit.items()}
+
+
+def _gathered_positions(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' ``(N_r, T_r, d)`` concatenated along examples, positions padded with zeros to the largest ``T_r``."""
+    length = max_over_ranks(tensor.shape[1], group)
+    return concat_over_ranks(nn.functional.pad(tensor, (0, 0, 0, length - tensor.shape[1])), group)
 
 
 def _sketch(count: int, size: int, method: str, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,8 @@ from curvlab.approx.base import (Approximation, DenseBlock, DiagonalBlock, Eigen
                                  KroneckerBlock, Reshape)
 from curvlab.approx.kronecker_statistics import Cotangents, KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer
-from curvlab.operators.fisher_mc import label_generator
 from curvlab.operators import curvature as exact_curvature
+from curvlab.parallel import concat_over_ranks
 from curvlab.problem import Problem
 
 CURVATURES = ("ggn", "fisher", "fisher_mc", "empirical_fisher")
@@ -105,7 +105,7 @@ def output_columns(problem: Problem, curvature: str, mc_samples: int, seed: int)
         return root.movedim(-1, 0), R
 
     def sampled(index, output, y):
-        targets = likelihood.sample(output, mc_samples, label_generator(seed, index))
+        targets = problem.sample_targets(index, output, mc_samples, seed)
         return likelihood.output_grad(output, targets), R / mc_samples
 
     def empirical(index, output, y):
@@ -162,6 +162,9 @@ def _factors(taps: KroneckerLayers, layers: list[_Layer], columns: Cotangents | 
             for label, g in e.items():
                 g = g.reshape(-1, g.shape[-1]) if expand else g.sum(2).reshape(-1, g.shape[-1])
                 B[label] = _add_gram(B.get(label), g, weight)
+    for factors in (A, B):
+        for label in sorted(factors):
+            taps.problem.reduce(factors[label])
     return A, B
 
 
@@ -178,7 +181,7 @@ def _squared_gradients(e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _eigenvalues(statistics, layers: list[_Layer], bases: dict) -> dict:
+def _eigenvalues(problem: Problem, statistics, layers: list[_Layer], bases: dict) -> dict:
     """EKFAC's eigenvalues: ``(label, "weight" | "bias") -> S``, the curvature's diagonal in the bases ``(Q_B, Q_A)``.
 
     ``statistics`` are the ``(inputs, gradients)`` pairs of :meth:`KroneckerLayers.statistics`.
@@ -199,6 +202,8 @@ def _eigenvalues(statistics, layers: list[_Layer], bases: dict) -> dict:
                     add((label, "weight"), _squared_gradients(r, rotated[label]).mul_(weight))
                 if layer.bias is not None and not layer.joint:
                     add((label, "bias"), r.sum(2).square().sum((0, 1)).mul_(weight))
+    for key in sorted(S):
+        problem.reduce(S[key])
     return S
 
 
@@ -273,7 +278,8 @@ def ekfac_eigenvalues(problem: Problem, bases: dict[str, tuple[torch.Tensor, tor
     mc_samples = _check(curvature, "expand", joint_bias, mc_samples, seed, {})
     taps, layers, _ = _plan(problem, joint_bias)
     inputs_of = {layer.label for layer in layers if layer.weight is not None}
-    return _eigenvalues(taps.statistics(inputs_of, output_columns(problem, curvature, mc_samples, seed)), layers, bases)
+    return _eigenvalues(problem, taps.statistics(inputs_of, output_columns(problem, curvature, mc_samples, seed)),
+                        layers, bases)
 
 
 def eigenbasis_of_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -295,8 +301,8 @@ def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int 
     Returns ``label -> (Q_B, Q_A)`` and ``(label, "weight" | "bias") -> S`` as :func:`ekfac_eigenvalues`.
     The bases come from the layers' input rows ``a_nt`` and output-gradient rows ``e_nkt``
     (:func:`eigenbasis_of_rows`; a basis is unique up to rotations within eigenspaces, which leave
-    ``EKFAC`` unchanged where ``S`` is constant, as on the null space). The rows of all batches are
-    held at once: meant for one mini-batch (an optimizer's curvature step).
+    ``EKFAC`` unchanged where ``S`` is constant, as on the null space). The rows of all batches (of all
+    ranks, gathered) are held at once: meant for one mini-batch (an optimizer's curvature step).
     """
     mc_samples = _check(curvature, "expand", False, mc_samples, seed, {})
     taps, layers, _ = _plan(problem, False)
@@ -304,14 +310,16 @@ def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int 
     kept = []
     for inputs, gradients in taps.statistics(inputs_of, output_columns(problem, curvature, mc_samples, seed)):
         kept.append((inputs, [(e, weight) for e, weight in gradients]))
-    rows_A = {label: torch.cat([inputs[label].reshape(-1, inputs[label].shape[-1]) for inputs, _ in kept])
-              for label in inputs_of}
-    rows_B = {layer.label: torch.cat([g[layer.label].reshape(-1, g[layer.label].shape[-1]) * weight ** 0.5
-                                      for _, gradients in kept for g, weight in gradients]) for layer in layers}
+    group = problem.process_group
+    rows_A = {label: concat_over_ranks(torch.cat([inputs[label].reshape(-1, inputs[label].shape[-1])
+                                                  for inputs, _ in kept]), group) for label in sorted(inputs_of)}
+    rows_B = {layer.label: concat_over_ranks(torch.cat([g[layer.label].reshape(-1, g[layer.label].shape[-1]) * weight ** 0.5
+                                                        for _, gradients in kept for g, weight in gradients]), group)
+              for layer in layers}
     bases = {label: (eigenbasis_of_rows(rows_B[label]), eigenbasis_of_rows(rows_A[label]) if label in rows_A else None)
              for label in rows_B}
     del rows_A, rows_B
-    return bases, _eigenvalues(kept, layers, bases)
+    return bases, _eigenvalues(problem, kept, layers, bases)
 
 
 def kfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expand", joint_bias: bool = False,
@@ -381,7 +389,7 @@ def ekfac(problem: Problem, curvature: str = "ggn", *, kfac_approx: str = "expan
     bases = {label: (torch.linalg.eigh(B[label])[1], torch.linalg.eigh(A[label])[1] if label in A else None)
              for label in B}
     inputs_of = {layer.label for layer in layers if layer.weight is not None}
-    S = _eigenvalues(taps.statistics(inputs_of, columns), layers, bases)
+    S = _eigenvalues(problem, taps.statistics(inputs_of, columns), layers, bases)
     blocks = _kronecker_blocks(
         layers,
         lambda layer: EigenbasisBlock(list(bases[layer.label]), S[layer.label, "weight"], layer.layout),

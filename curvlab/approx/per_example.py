@@ -122,7 +122,7 @@ def _per_example_squares(problem: Problem, X, cotangents: torch.Tensor, names: l
 
 
 def squared_pullbacks(problem: Problem, cotangents: Cotangents) -> torch.Tensor:
-    """``s = Σ_n Σ_m (J_nᵀ u_mn)²`` ``(P,)`` over all data, the ``u`` from ``cotangents(index, output, y)``.
+    """``s = Σ_n Σ_m (J_nᵀ u_mn)²`` ``(P,)`` over all data (of all ranks), the ``u`` from ``cotangents(index, output, y)``.
 
     Args:
         problem: the model, data, loss and studied parameters.
@@ -155,4 +155,4 @@ def squared_pullbacks(problem: Problem, cotangents: Cotangents) -> torch.Tensor:
                 squares.update(_per_example_squares(problem, X, U, rest))
             for name, value in squares.items():
                 total[name] += value
-    return problem.flatten(total)
+    return problem.reduce(problem.flatten(total))

@@ -85,10 +85,8 @@ def shampoo_factors(problem: Problem, max_dim: int | None = 4096) -> dict[str, l
     shapes = dict(zip(problem.param_names, problem.param_shapes))
     diagonal = {name for name, shape in shapes.items() if max_dim is not None and any(d > max_dim for d in shape)}
     totals: dict[str, list[torch.Tensor]] = {}
-    count = 0
     with torch.no_grad():
         for gradients in batch_gradients(problem):
-            count += 1
             for name, gradient in gradients.items():
                 terms = [gradient.square().flatten()] if name in diagonal else _unfolding_products(gradient)
                 if name in totals:
@@ -96,7 +94,7 @@ def shampoo_factors(problem: Problem, max_dim: int | None = 4096) -> dict[str, l
                         total.add_(term)
                 else:
                     totals[name] = terms
-    return {name: [total / count for total in totals[name]] for name in problem.param_names}
+    return {name: [problem.reduce(total) / problem.num_batches for total in totals[name]] for name in problem.param_names}
 
 
 def shampoo(problem: Problem, curvature: str = "gradient_second_moment", exponent_order: int | None = None,

@@ -203,13 +203,13 @@ class SummedOverData(CurvatureOperator):
     """A curvature matrix that is a sum of per-batch shares, ``C = Σ_b C_b``."""
 
     def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
-        """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share."""
+        """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share (over all ranks)."""
         directions = self.problem.unflatten(rows)
         total = None
         for index, X, y in self.problem.batches():
             share = self._batch_matmat(index, X, y, directions)
             total = share if total is None else total.add_(share)
-        return total
+        return self.problem.reduce(total)
 
     @abstractmethod
     def _batch_matmat(self, index: int, X, y: torch.Tensor,

@@ -7,17 +7,10 @@ In output space ``M_n = (1/S) Σ_s r_ns r_nsᵀ`` with ``r_ns = ∂ℓ(f_n, ŷ_n
 matrix, so a product costs ``min(S, D) · D`` per example and column.
 """
 
-import numpy as np
 import torch
 
 from curvlab.errors import require_integer
 from curvlab.operators.output_space import OutputSpaceCurvature
-
-
-def label_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator batch ``index``'s labels are drawn from, derived from ``(seed, index)`` alone."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
 class FisherMC(OutputSpaceCurvature):
@@ -35,7 +28,7 @@ class FisherMC(OutputSpaceCurvature):
     def _draw(self, index: int, X) -> None:
         """Sample batch ``index``'s labels and keep its output-space ``M_n`` in the cheaper form."""
         output = self.problem.forward(self.problem.params, X)
-        targets = self.problem.likelihood.sample(output, self.mc_samples, label_generator(self.seed, index))
+        targets = self.problem.sample_targets(index, output, self.mc_samples, self.seed)
         residuals = self.problem.likelihood.output_grad(output, targets).flatten(2) / self.mc_samples ** 0.5
         dense = self.mc_samples >= residuals.shape[-1]
         self._targets[index] = targets
@@ -44,7 +37,7 @@ class FisherMC(OutputSpaceCurvature):
         )
 
     def sampled_targets(self) -> list[torch.Tensor]:
-        """The drawn labels, one ``(S, *target_shape)`` tensor per batch."""
+        """The drawn labels, one ``(S, *target_shape)`` tensor per batch (of this rank's shard)."""
         with torch.no_grad():
             for index, X, _ in self.problem.batches():
                 if index not in self._targets:

@@ -15,8 +15,10 @@ The ``B`` gradients are computed once, at the first product, and kept as the row
 import torch
 from torch.func import grad
 
+from curvlab.errors import InvalidProblem
 from curvlab.memory import check_dense
 from curvlab.operators.base import CurvatureOperator
+from curvlab.parallel import concat_over_ranks
 from curvlab.problem import Problem, differentiable_kernels
 
 
@@ -34,6 +36,9 @@ def batch_gradient(problem: Problem, X, y: torch.Tensor) -> torch.Tensor:
         >>> bool(torch.allclose(g[:6], torch.autograd.grad(loss, model.weight)[0].flatten()))
         True
     """
+    if problem.batch_part is not None:
+        raise InvalidProblem("per-batch gradients need whole batches on each rank; this problem's one batch is "
+                             "split over the ranks (an optimizer step's): build a Problem on the rank's batches")
     likelihood = problem.likelihood
 
     def loss(params):
@@ -68,12 +73,13 @@ class GradientSecondMoment(CurvatureOperator):
         self._gradients: torch.Tensor | None = None
 
     def batch_gradients(self) -> torch.Tensor:
-        """``Ḡ`` ``(B, P)``: row b is ``ḡ_b``, in the order of the batches."""
+        """``Ḡ`` ``(B, P)``: row b is ``ḡ_b``, in the order of the batches (of all ranks, in rank order)."""
         if self._gradients is None:
             problem = self.problem
-            count = sum(1 for _ in problem.batches())
-            check_dense(count, problem.num_params, self.dtype, self.device, "(batches, P) matrix of batch gradients")
-            self._gradients = torch.stack([batch_gradient(problem, X, y) for _, X, y in problem.batches()])
+            check_dense(problem.num_batches, problem.num_params, self.dtype, self.device,
+                        "(batches, P) matrix of batch gradients")
+            local = torch.stack([batch_gradient(problem, X, y) for _, X, y in problem.batches()])
+            self._gradients = concat_over_ranks(local, problem.process_group)
         return self._gradients
 
     def _matmat(self, rows):

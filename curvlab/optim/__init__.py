@@ -69,7 +69,8 @@ def method(name: str, **hyperparameters_) -> Method:
 
 
 def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, params=None, reduction: str = "mean",
-         seed: int = 0, **hyperparameters_) -> PreconditionedOptimizer:
+         seed: int = 0, process_group=None, spread_inversions: bool = False,
+         **hyperparameters_) -> PreconditionedOptimizer:
     """The optimizer ``name`` on ``model``'s parameters (all trainable ones, or those ``params`` selects).
 
     Args:
@@ -80,6 +81,7 @@ def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, 
         params: ``None``, a list of parameter names or a regex, as for :class:`curvlab.Problem`.
         reduction: ``"mean"`` or ``"sum"``.
         seed: fixes every random draw of the method (sampled labels, probes, sketches).
+        process_group, spread_inversions: data-parallel training (:class:`PreconditionedOptimizer`).
         **hyperparameters_: the method's own (:func:`hyperparameters`).
 
     Examples:
@@ -91,7 +93,8 @@ def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, 
         ['bias', 'weight']
     """
     return PreconditionedOptimizer(model, method(name, **hyperparameters_), loss, lr, params=params,
-                                   reduction=reduction, seed=seed, name=name)
+                                   reduction=reduction, seed=seed, name=name, process_group=process_group,
+                                   spread_inversions=spread_inversions)
 
 
 __all__ = ["Method", "PreconditionedOptimizer", "Preconditioner", "Statistics", "builder", "chain",

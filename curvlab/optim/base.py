@@ -42,6 +42,8 @@ class Statistics:
         loss: ``L`` of the batch.
         step: the number of steps taken before this one (0 on the first).
         seed: the optimizer's seed; with ``step`` it fixes every random draw (:meth:`generator`).
+        spread_inversions: with a data-parallel problem, whether a preconditioner that inverts
+            per-layer factors may invert each layer on one rank and broadcast the result.
     """
 
     source: Problem | Callable[[], Problem]
@@ -49,6 +51,7 @@ class Statistics:
     loss: float
     step: int
     seed: int
+    spread_inversions: bool = False
 
     @cached_property
     def problem(self) -> Problem:

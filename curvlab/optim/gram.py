@@ -34,6 +34,7 @@ from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
+from curvlab.parallel import concat_over_ranks
 
 def damped_empirical_fisher(damping: float, per_layer: bool, sketching_size: int | None = None,
                             sketch_method: str = "subsample") -> Preconditioner:
@@ -211,7 +212,8 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
         count = problem.num_examples
         layers = {}
         for label, (weight, bias) in targets.items():
-            a, e = torch.cat(inputs[label]).transpose(1, 2), torch.cat(out_grads[label]).transpose(1, 2)
+            a, e = (concat_over_ranks(torch.cat(rows[label]), problem.process_group).transpose(1, 2)
+                    for rows in (inputs, out_grads))
             if isinstance(taps.modules[label], nn.Conv2d):
                 a, e = _truncate(a, e, truncated_rank)
             elif a.shape[2] != 1:

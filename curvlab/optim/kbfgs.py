@@ -100,6 +100,11 @@ def layer_means(problem: Problem, layers: dict) -> dict[str, LayerMeans]:
             for label, g in e.items():
                 total = g.reshape(-1, g.shape[-1]).sum(0)
                 sums[label][3] = total if sums[label][3] is None else sums[label][3] + total
+    for label in sorted(sums):  # the sums of all ranks' data
+        entry = sums[label]
+        entry[0] = int(problem.reduce(torch.tensor(float(entry[0]), dtype=torch.float64, device=problem.device)))
+        for tensor in entry[1:4]:
+            problem.reduce(tensor)
     means = {}
     for label, (count, gram, total, gradient_total, positions) in sums.items():
         module = problem.model.get_submodule(label)
@@ -133,7 +138,8 @@ def _rebuild(problem: Problem, batch) -> Problem:
     """``problem``'s model, loss and studied parameters on another batch, at the current ``θ`` (the model's mode is kept)."""
     training = problem.model.training
     try:
-        return Problem(problem.model, batch, problem.loss, params=problem.param_names, reduction=problem.reduction)
+        return Problem(problem.model, batch, problem.loss, params=problem.param_names, reduction=problem.reduction,
+                       process_group=problem.process_group)
     finally:
         problem.model.train(training)
 

@@ -33,6 +33,7 @@ from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Params, Preconditioner, Statistics, require_compat
 from curvlab.optim.optimizer import Method
+from curvlab.parallel import concat_over_ranks, spread
 
 #: ASDL's floor on the π-damped factor damping.
 DAMPING_FLOOR = 1e-7
@@ -200,12 +201,14 @@ class KroneckerState:
         factors: the moving average of the per-layer statistics (``(A, B)``, or data matrices for SKFAC).
         inverses: label -> ``(A⁻¹, B⁻¹)`` as :class:`FactorInverse` (``None`` for a missing side).
         extra: method-specific entries (EKFAC's eigenbases and eigenvalues).
+        spread_over: the process group over whose ranks the layers' inversions are spread, or ``None``.
     """
 
     layers: dict
     factors: MovingAverage
     inverses: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    spread_over: object = None
 
 
 def _weight_matrix(layer: Layer, grads: Params, joint: bool) -> torch.Tensor:
@@ -245,7 +248,8 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
                               precondition_bias: bool = True) -> Preconditioner:
     """The shared skeleton: ``statistics_of(statistics, layers) -> dict`` folded into a moving average.
 
-    ``inverses_of(factors, layers)`` turns the (debiased) average into per-layer :class:`FactorInverse` pairs.
+    ``inverses_of(factors, layers)`` turns the (debiased) average into per-layer :class:`FactorInverse` pairs,
+    layer by layer (so that :func:`curvlab.parallel.spread` can share the layers out over ranks).
     """
 
     def init(params):
@@ -253,12 +257,15 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
 
     def accumulate(state, statistics):
         layers = state.layers or kronecker_layers(statistics)
-        return replace(state, layers=layers, factors=state.factors.update(statistics_of(statistics, layers)))
+        spread_over = statistics.problem.process_group if statistics.spread_inversions else None
+        return replace(state, layers=layers, factors=state.factors.update(statistics_of(statistics, layers)),
+                       spread_over=spread_over)
 
     def refresh(state):
         if not state.factors.total:
             return state
-        inverses = inverses_of(state.factors.value(debias), state.layers)
+        inverses = spread(lambda factors: inverses_of(factors, state.layers), state.factors.value(debias),
+                          state.spread_over)
         if decay == -1:  # local curvature: the factors are spent once inverted (a refresh without new ones keeps these inverses)
             return replace(state, factors=replace(state.factors, total={}), inverses=inverses)
         return replace(state, inverses=inverses)
@@ -362,8 +369,8 @@ def swift_rows(statistics: Statistics, layers: dict, curvature: str, mc_samples:
     def represent(label, side):
         if not full[label][side]:
             return None
-        X = torch.cat(full[label][side])
-        rows = torch.cat(summed[label][side]) if layers[label].conv else X
+        X = concat_over_ranks(torch.cat(full[label][side]), problem.process_group)
+        rows = concat_over_ranks(torch.cat(summed[label][side]), problem.process_group) if layers[label].conv else X
         return ("rows", rows) if rows.shape[0] < rows.shape[1] else ("square", X.T @ X)
 
     return {label: (represent(label, 0), represent(label, 1)) for label in layers}

@@ -23,6 +23,7 @@ from torch import nn
 
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.base import Params, Preconditioner, Statistics, identity
+from curvlab.parallel import check_group, sum_over_ranks
 from curvlab.problem import Problem, is_batch, likelihood_of, prepare_input, select_parameters
 
 MOMENTUM_STYLES = ("heavy_ball", "ema")
@@ -76,6 +77,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     ``opt.step(closure)`` with a torch-style closure (it zeroes the gradients, computes the loss,
     calls ``backward`` and returns the loss) works for the methods that read nothing but gradients.
 
+    Data-parallel training: with ``process_group`` each rank calls ``step`` with its share of the
+    step's batch (shares may differ in size). The loss and the gradient become those of the union
+    (one all-reduce; the ``.grad`` tensors are overwritten with it), and the curvature statistics are
+    those of the union (:class:`curvlab.Problem` with the group), so every rank takes the same step
+    as one process on the whole batch. ``spread_inversions=True`` lets the K-FAC family (``kfac``,
+    ``foof``, ``skfac``) invert each layer's factors on one rank, round-robin, and share the
+    inverses with one all-gather (KAISA's split). A ``DistributedDataParallel`` model is trained through its ``module``
+    (its own gradient all-reduce would average shares of unequal sizes wrongly).
+
     Attributes:
         last_direction: name -> tensor, ``Δ = P⁻¹ g`` of the last step (before learning rate,
             momentum and weight decay); a parameter the method leaves unpreconditioned shares its
@@ -91,9 +101,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, method: Method, loss="cross_entropy", lr: float = 0.1, *,
-                 params=None, reduction: str = "mean", seed: int = 0, name: str | None = None):
+                 params=None, reduction: str = "mean", seed: int = 0, name: str | None = None,
+                 process_group=None, spread_inversions: bool = False):
+        if process_group is not None:
+            check_group(process_group)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         if not isinstance(model, nn.Module):
             raise InvalidProblem(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(spread_inversions, bool):
+            raise InvalidProblem(f"spread_inversions must be True or False, got {spread_inversions!r}")
+        self.process_group, self.spread_inversions = process_group, spread_inversions
         self.model, self.loss, self.reduction = model, loss, reduction
         self.likelihood = likelihood_of(loss, reduction)
         self.names = select_parameters(model, params)
@@ -130,21 +148,44 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
         The first one is built with every check of :class:`~curvlab.Problem`; later ones reuse it on the
         new batch (:meth:`~curvlab.Problem.with_batch`) with the loss and term count of this step's own
-        forward pass, which has validated the batch. A non-finite ``loss`` means diverged parameters.
+        forward pass, which has validated the batch (with a process group always: the ranks' shares form
+        one batch). A non-finite ``loss`` means diverged parameters.
         """
         if not math.isfinite(loss):
             raise InvalidProblem(f"the batch loss is {loss} (non-finite): the parameters diverged; lower the "
                                  f"learning rate or raise the damping")
         if self._problem is None:
-            self._problem = Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction)
-            return self._problem
+            self._problem = Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction,
+                                    process_group=self.process_group)
+            if self.process_group is None:
+                return self._problem
         return self._problem.with_batch(batch, self._terms, loss)
+
+    def _sum_over_ranks(self, gradient: Params, loss: float) -> float:
+        """The union's loss, returned, and gradient, written into ``gradient``, from every rank's share (one all-reduce).
+
+        With ``mean`` reduction the shares are weighted by their loss terms ``T_r``: ``g = Σ_r T_r g_r / Σ_r T_r``.
+        """
+        weight = 1.0 if self.reduction == "sum" else float(self._terms)
+        tensors = list(gradient.values())
+        flat = torch.cat([t.flatten() for t in tensors] + [tensors[0].new_tensor([loss, 1.0])]).mul_(weight)
+        flat[-1] = self._terms
+        sum_over_ranks(flat, self.process_group)
+        scale = 1.0 if self.reduction == "sum" else 1.0 / float(flat[-1])
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t)).mul_(scale)
+            offset += t.numel()
+        return float(flat[-2]) * scale
 
     def step(self, batch=None):
         """One step on ``batch = (X, y)`` (or a closure); returns the batch loss as a float."""
         method = self.method
         clock = _PhaseClock(next(iter(self._parameters.values())).device if self.time_phases else None)
         if callable(batch):
+            if self.process_group is not None:
+                raise InvalidProblem("with a process group, call step((X, y)) with this rank's share of the batch: "
+                                     "a closure's loss does not say how many terms it averages")
             if method.preconditioner.needs_statistics:
                 raise InvalidProblem(
                     f"{self.name} measures curvature on the batch: call step((X, y)) instead of step(closure)"
@@ -166,6 +207,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if callable(batch):
             gradient = {name: g.clone() for name, g in gradient.items()}
         loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        local_loss = loss
+        if self.process_group is not None:
+            loss = self._sum_over_ranks(gradient, loss)
         values = self._values()
         state = self.preconditioner_state
         pre = method.preconditioner
@@ -174,7 +218,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             training = self.model.training
             self.model.eval()  # curvature is measured as curvlab analyses models: dropout off, batch-norm fixed
             try:
-                statistics = Statistics(lambda: self.statistics_problem(batch, loss), gradient, loss, self.steps, self.seed)
+                statistics = Statistics(lambda: self.statistics_problem(batch, local_loss), gradient, loss, self.steps,
+                                        self.seed, self.spread_inversions)
                 state = pre.accumulate(state, statistics)
             finally:
                 self.model.train(training)
