@@ -232,6 +232,11 @@ def cli() -> None:
       $ curvlab compare model.pt2 --data data.pt --loss mse --params 'fc2\\.' --batch-size 256
       $ curvlab spectrum model.pt2 --data data.npz --curvature ggn --dtype float32 --quiet
       $ curvlab steps model.pt2 --data data.pt --optimizers sgd,adam,kfac,shampoo
+      $ torchrun --nproc-per-node 4 -m curvlab compare model.pt2 --data data.pt --batch-size 256
+
+    Under torchrun each process takes a contiguous run of the batches (--batch-size, default: the examples
+    split evenly), the numbers are those of one process with the same --batch-size, and rank 0 writes the
+    report.
     """
 
 

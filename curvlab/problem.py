@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from curvlab.errors import InvalidProblem
 from curvlab.likelihoods import LIKELIHOODS, Likelihood, label_generator
@@ -105,6 +105,14 @@ def _as_batches(data) -> Iterable:
         raise InvalidProblem(
             "the DataLoader shuffles (shuffle=True): curvature operators pass over the data many times "
             "and need the same batches each time; build it with shuffle=False"
+        )
+    sampler = getattr(data, "sampler", None)
+    if isinstance(data, DataLoader) and isinstance(sampler, DistributedSampler) and (
+            sampler.total_size > len(sampler.dataset)):
+        raise InvalidProblem(
+            f"the DataLoader's DistributedSampler pads the shards to {sampler.total_size} examples by repeating "
+            f"some of the {len(sampler.dataset)}, which would count them twice; give each rank a contiguous "
+            f"torch.utils.data.Subset of the dataset instead (shards may differ in size)"
         )
     if not isinstance(data, Iterable) or isinstance(data, (torch.Tensor, Mapping, str)):
         raise InvalidProblem(

@@ -132,16 +132,22 @@ def optimizer_checks(case, rank: int, size: int, group) -> dict[str, float]:
         single, single_losses = train(case.model, name, case.loss, [case.data] * STEPS)
         found[f"{label} steps"] = deviation(parallel, single)
         found[f"{label} losses"] = deviation(losses, single_losses)
+        if name == "kfac" and not options:
+            wrapped, _ = train(case.model, name, case.loss, [local] * STEPS, group, wrap=True)
+            found[f"{label} steps, DistributedDataParallel model"] = deviation(wrapped, single)
         if name in ROUNDING_SENSITIVE:
             reordered, _ = train(case.model, name, case.loss, [reverse(case.data)] * STEPS)
             found[f"{label} steps{FLOOR}"] = deviation(reordered, single)
     return found
 
 
-def train(model, name: str, loss: str, batches: list, group=None, options=None) -> tuple[torch.Tensor, list[float]]:
-    """A copy of ``model`` after ``name``'s steps on ``batches``: its parameters, flat, and the step losses."""
+def train(model, name: str, loss: str, batches: list, group=None, options=None,
+          wrap: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """A copy of ``model`` (``wrap``: in ``DistributedDataParallel``) after ``name``'s steps on ``batches``: its
+    parameters, flat, and the step losses."""
     model = copy.deepcopy(model)
-    optimizer = curvlab.optim.make(name, model, loss, lr=0.01, process_group=group, **(options or {}))
+    trained = DistributedDataParallel(model) if wrap else model
+    optimizer = curvlab.optim.make(name, trained, loss, lr=0.01, process_group=group, **(options or {}))
     losses = [optimizer.step(batch) for batch in batches]
     return torch.cat([p.detach().flatten() for p in model.parameters()]), losses
 

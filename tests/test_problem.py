@@ -313,3 +313,14 @@ def test_a_process_group_without_torch_distributed_is_refused():
         curvlab.Problem(model, batch, process_group=object())
     with pytest.raises(curvlab.InvalidProblem, match="torch.distributed is not initialised"):
         curvlab.optim.make("kfac", model, process_group=object())
+
+
+def test_a_distributed_sampler_that_repeats_examples_is_refused():
+    dataset = TensorDataset(torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1]))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False)
+    with pytest.raises(curvlab.InvalidProblem, match="repeating some of the 5"):
+        curvlab.Problem(torch.nn.Linear(3, 2), DataLoader(dataset, batch_size=2, sampler=sampler))
+    even = torch.utils.data.DistributedSampler(TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 1, 0])),
+                                               num_replicas=2, rank=0, shuffle=False)
+    prob = curvlab.Problem(torch.nn.Linear(3, 2), DataLoader(even.dataset, batch_size=2, sampler=even))
+    assert prob.num_examples == 2
