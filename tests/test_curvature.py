@@ -532,3 +532,24 @@ def test_block_of_unknown_parameters_is_refused(device):
     prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
     with pytest.raises(curvlab.InvalidProblem, match="block needs"):
         curvlab.curvature(prob, "ggn").block(["nope"])
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher_mc"])
+def test_a_product_sends_at_most_directions_per_pass_through_the_model(kind, device, monkeypatch):
+    from curvlab.operators import base
+
+    prob = make_problem(models.make_case("cnn", device))
+    op = curvlab.curvature(prob, kind)
+    V = random_vector((op.shape[0], 2 * base.DIRECTIONS_PER_PASS + 3), device)
+    expected = torch.cat([op @ part for part in V.split(5, dim=1)], dim=1)
+    sizes = []
+    original = type(op)._batch_matmat
+
+    def counting(self, index, X, y, directions):
+        sizes.append(next(iter(directions.values())).shape[0])
+        return original(self, index, X, y, directions)
+
+    monkeypatch.setattr(type(op), "_batch_matmat", counting)
+    out = op @ V
+    assert max(sizes) == base.DIRECTIONS_PER_PASS and sum(sizes) == V.shape[1] * prob.num_batches
+    assert_matches(out, expected, scale=float(expected.norm()))

@@ -11,11 +11,12 @@ backward pass (it sums over examples first) cannot give. Two routes:
   ``W`` is ``e_mn a_nᵀ`` with ``e_mn = ∂(u_mnᵀ f_n)/∂z_n`` ``(out,)``, so its share of ``s`` is
   ``(Σ_m e_m ⊙ e_m)ᵀ (a ⊙ a)``, an ``(out, N) · (N, in)`` product, and the bias's is
   ``Σ_n Σ_m e_mn ⊙ e_mn``. The ``e_mn`` are the gradients of a zero probe added to the layer's output:
-  one forward pass, and ``M`` backward passes through the activations only (vmapped; no weight
-  gradients are formed).
+  one forward pass, and ``M`` backward passes through the activations only (vmapped, at most
+  :data:`~curvlab.operators.base.DIRECTIONS_PER_PASS` at once; no weight gradients are formed).
 - any other parameter: per-example pullbacks, vmap over the examples (in chunks of at most
-  :data:`CHUNK_ENTRIES` gradient entries) of ``vjp``, ``M`` per example, squared and summed. This
-  materialises ``(chunk, M, p)`` per-example gradients.
+  :data:`CHUNK_ENTRIES` gradient entries, and of at most ``DIRECTIONS_PER_PASS`` batches' worth of
+  pullbacks) of ``vjp``, ``M`` per example, squared and summed. This materialises ``(chunk, M, p)``
+  per-example gradients.
 
 A linear layer takes the first route when it is called once per forward pass, on a 2-D input, and
 owns its parameters alone (no weight tying); otherwise its parameters take the second.
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import vjp, vmap
 
+from curvlab.operators.base import DIRECTIONS_PER_PASS
 from curvlab.problem import Problem, differentiable_kernels
 
 CHUNK_ENTRIES = 2 ** 24
@@ -84,11 +86,16 @@ def _probed_forward(problem: Problem, X, layers: dict):
 
 def _linear_squares(pullback, inputs, cotangents: torch.Tensor, layers: dict,
                     qualified: list[str]) -> dict[str, torch.Tensor]:
-    errors = vmap(lambda u: pullback(u)[0])(cotangents)
+    summed = {}
+    for part in cotangents.split(DIRECTIONS_PER_PASS):
+        errors = vmap(lambda u: pullback(u)[0])(part)
+        for name in qualified:
+            e2 = errors[name].square().sum(0)
+            summed[name] = e2 if name not in summed else summed[name].add_(e2)
     squares = {}
     for name in qualified:
         module, names = layers[name]
-        e2 = errors[name].square().sum(0)
+        e2 = summed[name]
         prefix = f"{name}." if name else ""
         if prefix + "weight" in names:
             squares[prefix + "weight"] = e2.T @ inputs[name].square()
@@ -110,7 +117,8 @@ def _per_example_squares(problem: Problem, X, cotangents: torch.Tensor, names: l
         return vmap(lambda c: pullback(c)[0])(u)
 
     size, count = _batch_size(X), cotangents.shape[0]
-    chunk = max(1, CHUNK_ENTRIES // (count * sum(p.numel() for p in params.values())))
+    chunk = max(1, min(CHUNK_ENTRIES // (count * sum(p.numel() for p in params.values())),
+                       DIRECTIONS_PER_PASS * size // count))
     squares = {name: torch.zeros_like(p) for name, p in params.items()}
     per_example = cotangents.movedim(1, 0)
     for start in range(0, size, chunk):

@@ -21,6 +21,14 @@ from curvlab.memory import check_dense
 from curvlab.problem import Problem, differentiable_kernels
 
 DENSE_CHUNK = 128
+DIRECTIONS_PER_PASS = 16
+"""The most directions a product sends through the model at once.
+
+A pass carries a tangent (or cotangent) of every activation per direction, so its working memory
+grows with the directions; more than these go through in several passes. Measured peaks
+(``benchmarks/memory.py``) stay within about 16 times one gradient's, besides the directions and the
+result themselves.
+"""
 
 
 class CurvatureOperator(ABC):
@@ -203,7 +211,12 @@ class SummedOverData(CurvatureOperator):
     """A curvature matrix that is a sum of per-batch shares, ``C = Σ_b C_b``."""
 
     def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
-        """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share (over all ranks)."""
+        """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share (over all ranks).
+
+        At most :data:`DIRECTIONS_PER_PASS` directions go through the model at once.
+        """
+        if rows.shape[0] > DIRECTIONS_PER_PASS:
+            return torch.cat([self._matmat(part) for part in rows.split(DIRECTIONS_PER_PASS)])
         directions = self.problem.unflatten(rows)
         total = None
         for index, X, y in self.problem.batches():
