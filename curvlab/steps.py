@@ -378,8 +378,7 @@ def _steps_to_measure(steps, at) -> list[int]:
 
 def _snapshot(prob: Problem, model: torch.nn.Module) -> Problem:
     """A problem on a copy of ``model`` (at its current ``θ``) with ``prob``'s data, loss and parameters."""
-    return Problem(copy.deepcopy(model), prob.data, prob.loss, params=prob.param_names, reduction=prob.reduction,
-                   process_group=prob.process_group)
+    return Problem(copy.deepcopy(model), prob.data, prob.loss, params=prob.param_names, reduction=prob.reduction)
 
 
 def _trajectory_rows(prob, name, method, lr, hyper, when, seed, damping, reference, per_block) -> list[dict]:

@@ -58,8 +58,7 @@ def deviation(parallel, single) -> float:
     parallel, single = torch.as_tensor(parallel, dtype=torch.float64), torch.as_tensor(single, dtype=torch.float64)
     if parallel.shape != single.shape:
         return float("inf")
-    scale = single.abs().max().clamp_min(1e-300) if single.numel() else torch.tensor(1.0)
-    return float(((parallel - single).abs().max() / scale) if single.numel() else 0.0)
+    return float((parallel - single).abs().max() / single.abs().max().clamp_min(1e-300))
 
 
 def aligned(vectors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

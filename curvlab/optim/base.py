@@ -43,7 +43,7 @@ class Statistics:
         step: the number of steps taken before this one (0 on the first).
         seed: the optimizer's seed; with ``step`` it fixes every random draw (:meth:`generator`).
         spread_inversions: with a data-parallel problem, whether a preconditioner that inverts
-            per-layer factors may invert each layer on one rank and broadcast the result.
+            per-layer factors may invert each layer on one rank and share the results with all.
     """
 
     source: Problem | Callable[[], Problem]

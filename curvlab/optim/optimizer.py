@@ -168,8 +168,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         """
         weight = 1.0 if self.reduction == "sum" else float(self._terms)
         tensors = list(gradient.values())
-        flat = torch.cat([t.flatten() for t in tensors] + [tensors[0].new_tensor([loss, 1.0])]).mul_(weight)
-        flat[-1] = self._terms
+        flat = torch.cat([t.flatten() * weight for t in tensors] + [tensors[0].new_tensor([loss * weight, self._terms])])
         sum_over_ranks(flat, self.process_group)
         scale = 1.0 if self.reduction == "sum" else 1.0 / float(flat[-1])
         offset = 0
