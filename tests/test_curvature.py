@@ -553,3 +553,35 @@ def test_a_product_sends_at_most_directions_per_pass_through_the_model(kind, dev
     out = op @ V
     assert max(sizes) == base.DIRECTIONS_PER_PASS and sum(sizes) == V.shape[1] * prob.num_batches
     assert_matches(out, expected, scale=float(expected.norm()))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("case_name", ["mlp_ce", "transformer"])
+def test_reusing_passes_records_the_first_batch_once_and_changes_no_product(case_name, batched, device,
+                                                                             monkeypatch):
+    from curvlab.operators import hessian
+
+    case = models.make_case(case_name, device)
+    prob = curvlab.Problem(case.model, case.batches if batched else case.data, loss=case.loss)
+    op = curvlab.curvature(prob, "hessian")
+    block = op.block(case.some_names)
+    V = random_vector((3, op.shape[0]), device)
+    expected = [op @ v for v in V]
+    expected_block = block @ V[0, :block.shape[0]]
+    recorded = []
+    original = hessian.vjp
+    monkeypatch.setattr(hessian, "vjp", lambda *args, **kwargs: recorded.append(1) or original(*args, **kwargs))
+    with op.reusing_passes():
+        products = [op @ v for v in V]
+    assert len(recorded) == 1 + (prob.num_batches - 1) * len(V)  # the first batch's pass is kept
+    for actual, wanted in zip(products, expected):
+        assert_matches(actual, wanted)
+    recorded.clear()
+    op @ V[0]
+    assert len(recorded) == prob.num_batches  # released after the block
+    recorded.clear()
+    with block.reusing_passes():  # a block reuses the passes of the operator it restricts
+        products = [block @ V[0, :block.shape[0]] for _ in range(2)]
+    assert len(recorded) == 1 + (prob.num_batches - 1) * 2
+    for actual in products:
+        assert_matches(actual, expected_block)

@@ -43,6 +43,9 @@ class CountingOperator:
         self.op, self.shape, self.dtype, self.device = op, op.shape, op.dtype, op.device
         self.blocks: list[int] = []
 
+    def reusing_passes(self):
+        return self.op.reusing_passes()
+
     def _apply(self, rows):
         self.blocks.append(rows.shape[0])
         return self.op._apply(rows)

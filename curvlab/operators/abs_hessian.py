@@ -54,7 +54,8 @@ class AbsHessian(CurvatureOperator):
         P = self.shape[0]
         k = min(self.top_k, P - 1)
         start = np.random.default_rng(self.seed).standard_normal(P)
-        values, vectors = eigsh(hessian.to_scipy(), k=k, which="LM", v0=start)
+        with hessian.reusing_passes():
+            values, vectors = eigsh(hessian.to_scipy(), k=k, which="LM", v0=start)
         order = np.argsort(values)
         as_tensor = dict(dtype=self.dtype, device=self.device)
         return torch.as_tensor(values[order], **as_tensor), torch.as_tensor(vectors[:, order], **as_tensor)

@@ -9,7 +9,8 @@ scipy view.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -83,6 +84,15 @@ class CurvatureOperator(ABC):
     def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
         """``(C Vᵀ)ᵀ = V C`` for K directions as the rows of ``V``, shape ``(K, P)``, contiguous."""
 
+    @contextmanager
+    def reusing_passes(self) -> Iterator[None]:
+        """Within the block, products may reuse what earlier ones recorded of a pass over the data.
+
+        For the many products of an iterative method (Lanczos, SLQ, Hutchinson). This base records
+        nothing; :class:`SummedOverData` keeps one batch's recorded pass, where its operator has one.
+        """
+        yield
+
     def to_dense(self, budget: int | None = None, progress: bool = True) -> torch.Tensor:
         """The ``(P, P)`` matrix, built from products with chunks of identity rows.
 
@@ -93,8 +103,9 @@ class CurvatureOperator(ABC):
         P = self.shape[0]
         check_dense(P, P, self.dtype, self.device, f"{self.kind} matrix", budget)
         dense = torch.empty(P, P, dtype=self.dtype, device=self.device)
-        for start, stop, eye in identity_rows(self, DENSE_CHUNK, f"dense {self.kind}", progress):
-            dense[start:stop] = self._apply(eye)
+        with self.reusing_passes():
+            for start, stop, eye in identity_rows(self, DENSE_CHUNK, f"dense {self.kind}", progress):
+                dense[start:stop] = self._apply(eye)
         return dense
 
     def block(self, names: list[str]) -> "CurvatureOperator":
@@ -133,8 +144,9 @@ def identity_rows(op, batch: int, description: str, progress: bool):
 def exact_diagonal(op, batch: int = DENSE_CHUNK, progress: bool = True) -> torch.Tensor:
     """``diag C`` ``(P,)`` from the ``P`` products with the identity's rows, ``batch`` at a time."""
     diagonal = torch.empty(op.shape[0], dtype=op.dtype, device=op.device)
-    for start, stop, eye in identity_rows(op, batch, "exact diagonal", progress):
-        diagonal[start:stop] = op._apply(eye)[:, start:stop].diagonal()
+    with op.reusing_passes():
+        for start, stop, eye in identity_rows(op, batch, "exact diagonal", progress):
+            diagonal[start:stop] = op._apply(eye)[:, start:stop].diagonal()
     return diagonal
 
 
@@ -173,6 +185,9 @@ class Restriction(CurvatureOperator):
         self.kind = operator.kind
         self._index = operator.problem.entries(self.problem.param_names)
 
+    def reusing_passes(self):
+        return self.operator.reusing_passes()
+
     def _matmat(self, rows):
         padded = torch.zeros(rows.shape[0], self.operator.shape[0], dtype=rows.dtype, device=rows.device)
         padded[:, self._index] = rows
@@ -209,6 +224,36 @@ class DenseMatrix(CurvatureOperator):
 
 class SummedOverData(CurvatureOperator):
     """A curvature matrix that is a sum of per-batch shares, ``C = Σ_b C_b``."""
+
+    _recorded: dict | None = None
+
+    @contextmanager
+    def reusing_passes(self) -> Iterator[None]:
+        """Within the block, the pass an operator records of the first batch it meets is kept and reused.
+
+        An operator whose product replays a recorded pass (the Hessian's ``∇L`` with its graph) then
+        records it once instead of once per product. Only one batch's pass is kept, so the memory stays
+        about that of one product whatever the number of batches; with one batch every product reuses it.
+        """
+        if self._recorded is not None:
+            yield
+            return
+        self._recorded = {}
+        try:
+            yield
+        finally:
+            self._recorded = None
+
+    def _recorded_pass(self, index: int, record: Callable[[], object]) -> object:
+        """``record()`` for batch ``index``, or what it returned before within :meth:`reusing_passes`."""
+        if self._recorded is None:
+            return record()
+        if index in self._recorded:
+            return self._recorded[index]
+        recorded = record()
+        if not self._recorded:
+            self._recorded[index] = recorded
+        return recorded
 
     def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
         """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share (over all ranks).

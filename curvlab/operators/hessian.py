@@ -2,7 +2,8 @@
 
 One forward and backward pass builds ``∇L`` with its graph; since ``H`` is symmetric, pulling a
 direction ``v`` back through ``∇L`` gives ``H v``, and K directions are K passes back through the
-one recorded graph. (Reverse-over-forward, ``∇(∇Lᵀv)``, would skip the weight-gradient products of
+one recorded graph, which :meth:`~curvlab.operators.base.SummedOverData.reusing_passes` keeps for
+the next products. (Reverse-over-forward, ``∇(∇Lᵀv)``, would skip the weight-gradient products of
 ``∇L``, but torch 2.13 differentiates layer norm's forward-mode rule wrongly: 10% error.)
 """
 
@@ -18,7 +19,8 @@ class Hessian(SummedOverData):
 
     def _batch_matmat(self, index, X, y, directions):
         problem = self.problem
-        _, pullback = vjp(grad(lambda p: problem.batch_loss(p, X, y)), problem.params)
+        pullback = self._recorded_pass(
+            index, lambda: vjp(grad(lambda p: problem.batch_loss(p, X, y)), problem.params)[1])
         count = next(iter(directions.values())).shape[0]
         columns = (pullback({name: direction[k] for name, direction in directions.items()})[0]
                    for k in range(count))

@@ -43,7 +43,7 @@ class RitzPairs:
 
     Attributes:
         values: ``(k,)`` ascending.
-        vectors: ``(P, k)`` unit columns.
+        vectors: ``(P, k)`` unit columns, the transpose of a contiguous ``(k, P)`` tensor.
         residuals: ``(k,)`` relative residuals, recomputed with ``k`` explicit products.
         converged: ``(k,)`` bool, ``residuals ≤ tol``.
         products: the operator products used, the final check included.
@@ -63,7 +63,8 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
     ``op`` is a :class:`curvlab.operators.CurvatureOperator`; ``seed`` seeds a local CPU generator for
     the start vector (the caller's random state is untouched); ``dtype`` is the precision of the basis.
     ``max_products`` must be at least ``2k`` (``k`` more check the result). Memory: the ``(m + 1, P)``
-    basis, ``m = max(2k + 1, 20)``, and a second one once it restarts.
+    basis, ``m = max(2k + 1, 20)``, restarted in place. Products reuse the recorded pass of a batch
+    (:meth:`~curvlab.operators.base.CurvatureOperator.reusing_passes`).
     """
     P = op.shape[0]
     m = min(max(2 * k + 1, MIN_KRYLOV), P)  # Krylov dimension per restart
@@ -71,12 +72,11 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
     budget = max_products - k  # products for the Lanczos steps; k more check the result
     generator = torch.Generator().manual_seed(seed)
     eps = torch.finfo(dtype).eps
-    V = torch.zeros(m + 1, P, dtype=dtype, device=op.device)  # rows: the orthonormal basis
+    V = torch.empty(m + 1, P, dtype=dtype, device=op.device)  # rows: the orthonormal basis, written as it grows
     H = torch.zeros(m + 1, m, dtype=torch.float64)  # C V[:m]ᵀ = V[:m+1]ᵀ H
     V[0] = _random_direction(generator, V[:0], P, dtype, op.device)
     start, products, norm = 0, 0, 0.0  # norm: the largest ‖C v‖ seen, an estimate of ‖C‖₂
-    spare = None  # a second basis buffer for restarts
-    with tqdm(desc="lanczos", unit="restart", disable=not progress, leave=False) as bar:
+    with op.reusing_passes(), tqdm(desc="lanczos", unit="restart", disable=not progress, leave=False) as bar:
         while True:
             for j in range(start, min(m, start + budget - products)):
                 w = op._apply(V[j:j + 1])[0].to(dtype)
@@ -109,24 +109,33 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
             if converged or stop == P or products >= budget:
                 break
             kept = select(theta, which, keep)
-            spare = torch.empty_like(V) if spare is None else spare
-            torch.matmul(S[:, kept].T.to(V), V[:stop], out=spare[:keep])
-            spare[keep] = V[stop]
-            V, spare = spare, V  # the restarted basis, without allocating (and first touching) a new one
+            _rotate(V, S[:, kept].to(V), stop)
+            V[keep] = V[stop]
             border = H[stop, :stop] @ S[:, kept]
             H.zero_()
             H[:keep, :keep] = torch.diag(theta[kept])
             H[keep, :keep] = border
             start = keep
-    wanted = wanted[theta[wanted].argsort()]  # ascending
-    values = theta[wanted].to(device=op.device, dtype=dtype)
-    X = S[:, wanted].T.to(V) @ V[:stop]  # (k, P) Ritz vectors as rows
-    X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
-    CX = op._apply(X).to(dtype)
-    products += k
+        wanted = wanted[theta[wanted].argsort()]  # ascending
+        values = theta[wanted].to(device=op.device, dtype=dtype)
+        X = S[:, wanted].T.to(V) @ V[:stop]  # (k, P) Ritz vectors as rows
+        X.div_(torch.linalg.vector_norm(X, dim=1, keepdim=True))
+        R = op._apply(X).to(dtype)
+        products += k
+    for x, r, value in zip(X, R, values.tolist()):
+        r.sub_(x, alpha=value)  # C x − θ x, in place: (k, P) temporaries cost a first touch each
     norm_T = theta.abs().max().to(device=op.device, dtype=dtype)
-    residuals = torch.linalg.vector_norm(CX - values[:, None] * X, dim=1) / relative_scale(values, norm_T)
-    return RitzPairs(values, X.T.contiguous(), residuals, residuals <= tol, products)
+    residuals = torch.linalg.vector_norm(R, dim=1) / relative_scale(values, norm_T)
+    return RitzPairs(values, X.T, residuals, residuals <= tol, products)
+
+
+def _rotate(V: torch.Tensor, Q: torch.Tensor, rows: int, columns: int = 1 << 16) -> None:
+    """``V[:q] ← Qᵀ V[:rows]`` in place for ``Q`` ``(rows, q)``, ``columns`` of ``V`` at a time.
+
+    The restarted basis overwrites the old one: no second ``(m + 1, P)`` buffer to allocate and touch.
+    """
+    for chunk in V.split(columns, dim=1):
+        chunk[:Q.shape[1]] = Q.T @ chunk[:rows]
 
 
 def _ritz(H: torch.Tensor, stop: int, which: str, k: int):
@@ -160,7 +169,7 @@ def _orthogonalise(w: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torc
 def _random_direction(generator: torch.Generator, V: torch.Tensor, P: int, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     """A unit ``(P,)`` direction, Gaussian from ``generator`` on the CPU, orthogonal to the rows of ``V``."""
-    z = torch.randn(P, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    z = torch.randn(P, generator=generator, dtype=dtype).to(device)
     z, _ = _orthogonalise(z, V)
     return z / torch.linalg.vector_norm(z)
 

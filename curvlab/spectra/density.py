@@ -86,32 +86,33 @@ def lanczos_quadrature(op, probes: int, steps: int, seed: int, reorthogonalize: 
     active = torch.arange(probes)
     eps = torch.finfo(dtype).eps
     norm, products = 0.0, 0
-    for j in tqdm(range(steps), desc="slq", unit="step", disable=not progress, leave=False):
-        if basis is not None:
-            basis[active, j] = current
-        w = op._apply(current).to(dtype)
-        products += active.numel()
-        norm = max(norm, float(torch.linalg.vector_norm(w, dim=1).max()))
-        a = torch.stack([torch.dot(row, probe) for row, probe in zip(w, current)])  # BLAS dots: vecdot is 5× slower
-        w.addcmul_(a[:, None], current, value=-1)  # in place: no (n, P) temporaries
-        if j:
-            w.addcmul_(beta[active, j - 1].to(w)[:, None], previous, value=-1)
-        if basis is not None:
-            for _ in range(2):
-                h = torch.einsum("njp,np->nj", basis[active, :j + 1], w)
-                w.sub_(torch.einsum("nj,njp->np", h, basis[active, :j + 1]))
-        alpha[active, j] = a.double().cpu()
-        b = torch.linalg.vector_norm(w, dim=1).double().cpu()
-        beta[active, j] = b
-        if j + 1 == steps:
-            break
-        alive = b > BREAKDOWN * eps * norm
-        length[active[~alive]] = j + 1
-        if not bool(alive.all()):
-            active, current, w = active[alive], current[alive], w[alive]
-            if active.numel() == 0:
+    with op.reusing_passes():
+        for j in tqdm(range(steps), desc="slq", unit="step", disable=not progress, leave=False):
+            if basis is not None:
+                basis[active, j] = current
+            w = op._apply(current).to(dtype)
+            products += active.numel()
+            norm = max(norm, float(torch.linalg.vector_norm(w, dim=1).max()))
+            a = torch.stack([torch.dot(row, probe) for row, probe in zip(w, current)])  # BLAS dots: vecdot is 5× slower
+            w.addcmul_(a[:, None], current, value=-1)  # in place: no (n, P) temporaries
+            if j:
+                w.addcmul_(beta[active, j - 1].to(w)[:, None], previous, value=-1)
+            if basis is not None:
+                for _ in range(2):
+                    h = torch.einsum("njp,np->nj", basis[active, :j + 1], w)
+                    w.sub_(torch.einsum("nj,njp->np", h, basis[active, :j + 1]))
+            alpha[active, j] = a.double().cpu()
+            b = torch.linalg.vector_norm(w, dim=1).double().cpu()
+            beta[active, j] = b
+            if j + 1 == steps:
                 break
-        previous, current = current, w.div_(beta[active, j].to(w)[:, None])
+            alive = b > BREAKDOWN * eps * norm
+            length[active[~alive]] = j + 1
+            if not bool(alive.all()):
+                active, current, w = active[alive], current[alive], w[alive]
+                if active.numel() == 0:
+                    break
+            previous, current = current, w.div_(beta[active, j].to(w)[:, None])
     nodes = torch.zeros(probes, steps, dtype=torch.float64)
     weights = torch.zeros_like(nodes)
     residuals = torch.zeros_like(nodes)

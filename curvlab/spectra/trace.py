@@ -20,6 +20,7 @@ never formed.
 """
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +132,7 @@ def trace(op, method: str = "auto", samples: int = 100, seed: int = 0, batch: in
         return TraceEstimate(float(diag.sum(dtype=torch.float64)), 0.0, method, P, 0)
     generator = torch.Generator().manual_seed(seed)
     if method == "hutchinson":
-        with _bar(_blocks(samples, batch), "trace (hutchinson)", progress) as bar:
+        with _estimating(op, _blocks(samples, batch), "trace (hutchinson)", progress) as bar:
             terms = _hutchinson_terms(op, samples, batch, lambda rows: _signs(generator, rows, op), bar)
         estimate, std_error = _mean_and_std_error(terms)
         return TraceEstimate(estimate, std_error, method, samples, samples)
@@ -159,7 +160,7 @@ def diagonal(op, method: str = "auto", samples: int = 100, seed: int = 0, batch:
     count = 0
     mean = torch.zeros(P, dtype=torch.float64, device=op.device)
     m2 = torch.zeros_like(mean)  # sum of squared deviations from the mean
-    with _bar(_blocks(samples, batch), "diagonal (hutchinson)", progress) as bar:
+    with _estimating(op, _blocks(samples, batch), "diagonal (hutchinson)", progress) as bar:
         for _, rows, products in _products(op, samples, batch, lambda a, b: _signs(generator, b - a, op), bar):
             terms = (rows * products).double()  # (b, P): z ⊙ C z per probe
             # Chan et al.'s update of the running mean and sum of squared deviations by one block.
@@ -179,7 +180,8 @@ def _hutchpp(op, samples: int, generator: torch.Generator, batch: int, progress:
     k = samples // 3
     g = samples - 2 * k
     q = min(k, P)  # columns of Q: k unless the sketch has more columns than C has rows
-    with _bar(_blocks(k, batch) + _blocks(q, batch) + _blocks(g, batch), "trace (hutchpp)", progress) as bar:
+    blocks = _blocks(k, batch) + _blocks(q, batch) + _blocks(g, batch)
+    with _estimating(op, blocks, "trace (hutchpp)", progress) as bar:
         sketch = torch.empty(k, P, dtype=op.dtype, device=op.device)  # (C S)ᵀ, (k, P)
         for start, _, products in _products(op, k, batch, lambda a, b: _signs(generator, b - a, op), bar):
             sketch[start:start + products.shape[0]] = products
@@ -227,8 +229,12 @@ def _blocks(count: int, batch: int) -> int:
     return -(-count // batch)
 
 
-def _bar(blocks: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=blocks, desc=desc, disable=not progress or blocks < PROGRESS_BLOCKS, leave=False)
+@contextmanager
+def _estimating(op, blocks: int, desc: str, progress: bool) -> Iterator[tqdm]:
+    """A progress bar over ``blocks`` blocks of products, while ``op`` reuses its recorded passes."""
+    with op.reusing_passes(), tqdm(total=blocks, desc=desc, disable=not progress or blocks < PROGRESS_BLOCKS,
+                                   leave=False) as bar:
+        yield bar
 
 
 def _check_arguments(method: str, methods: tuple[str, ...], samples: int, batch: int) -> None:
