@@ -36,6 +36,9 @@ class OutputSpaceCurvature(SummedOverData):
             output, pullback, tangent = vjp(lambda p: jvp(forward, (p,), (v,)), params, has_aux=True)
             return problem.flatten(pullback(R * self._output_product(index, output, y, tangent))[0]).unsqueeze(0)
         output, pullback = vjp(forward, params)
+        # A tangent laid out unlike its primal (a view into the (K, P) rows) is copied by forward-mode AD
+        # into a zero-filled buffer; contiguous per-parameter blocks are taken as they are.
+        directions = {name: direction.contiguous() for name, direction in directions.items()}
         tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(directions)
         cotangents = R * vmap(lambda u: self._output_product(index, output, y, u))(tangents)
         return problem.stack_columns((pullback(cotangent)[0] for cotangent in cotangents), count)
