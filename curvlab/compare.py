@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from curvlab import cost_figures, optim, report, step_figures
 from curvlab.cost import COLUMNS as COST_COLUMNS, cost_findings, cost_study
-from curvlab.approx import APPROXIMATIONS, approximate, options_of
+from curvlab.approx import APPROXIMATIONS, Approximation, approximate, options_of
 from curvlab.errors import CurvlabError, DenseTooLarge, InvalidProblem, require_integer
 from curvlab.metrics import approximation_error
 from curvlab.operators import KINDS, AbsHessian, DenseMatrix, curvature
@@ -49,6 +49,10 @@ DEFAULT_APPROXIMATIONS = ("diag", "kfac", "ekfac", "foof")
 
 #: The optimizers whose one-shot steps :func:`compare` measures by default: all of them.
 DEFAULT_OPTIMIZERS = tuple(optim.names())
+
+#: The kinds whose dense matrices :func:`compare` hands on to the steps' reference and exact methods (the
+#: Monte-Carlo Fisher is left out: an optimizer draws its labels with its own seed).
+SHARED_WITH_STEPS = ("hessian", "ggn", "fisher", "empirical_fisher")
 
 #: Options of the approximations in :func:`compare` (the others use their builders' defaults).
 APPROXIMATION_OPTIONS = {"diag_hutchinson": {"samples": 10}, "lowrank": {"k": 20, "unconverged": "warn"},
@@ -344,13 +348,14 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
     start = time.perf_counter()
     operators = {kind: curvature(prob, kind, mc_samples=mc_samples, seed=seed) for kind in kinds}
     rows, tops, layers, eigenvalues, densities, matrices, remarks = [], [], [], {}, {}, {}, []
+    hessian_eigen = None
     bar = tqdm(kinds, desc="curvature", unit="matrix", disable=not progress, file=sys.stderr)
     for kind in bar:
         bar.set_postfix_str(kind)
         op = operators[kind]
         if kind == "abs_hessian" and "hessian" in matrices:  # |H| = V|Λ|Vᵀ from the dense Hessian already built
-            values, vectors = torch.linalg.eigh(matrices["hessian"])
-            op = AbsHessian.from_eigen(prob, values, vectors, "eigh of the dense Hessian built for the hessian row")
+            hessian_eigen = torch.linalg.eigh(matrices["hessian"])
+            op = AbsHessian.from_eigen(prob, *hessian_eigen, "eigh of the dense Hessian built for the hessian row")
         slq = spectrum(op, method="slq", probes=probes, steps=steps, seed=seed, progress=progress)
         analysis = _KindAnalysis(op, prob, k, seed, slq, progress)
         rows.append(analysis.row)
@@ -366,7 +371,10 @@ def compare(prob: Problem, kinds: Sequence[str] | None = None, seed: int = 0, *,
     measured = _approximations(prob, names, matrices, eigenvalues, seed, mc_samples, progress)
     remarks += measured.remarks
     step_arguments = {"damping": DAMPING, "per_block": True} | dict(step_options or {})
-    step_table = (compare_steps(prob, optimizer_names, seed=seed, progress=progress, **step_arguments)
+    curvatures = {kind: DenseMatrix(prob, kind, matrix, hessian_eigen if kind == "hessian" else None)
+                  for kind, matrix in matrices.items() if kind in SHARED_WITH_STEPS}
+    step_table = (compare_steps(prob, optimizer_names, seed=seed, progress=progress, curvatures=curvatures,
+                                **step_arguments)
                   if optimizer_names else pd.DataFrame(columns=list(COLUMNS["steps"])))
     cost_table, cost_notes = _cost(prob, cost, seed, progress)
     seconds = time.perf_counter() - start
@@ -565,9 +573,18 @@ def _measure(prob: Problem, name: str, options: dict, matrices: dict, eigenvalue
     if kind in matrices:
         A = approx.to_dense(progress=False).to(torch.float64)
         A = (A + A.T) / 2
-        measured.spectra[name] = {"curvature": kind, "eigenvalues": torch.linalg.eigvalsh(A).cpu().numpy(),
+        measured.spectra[name] = {"curvature": kind, "eigenvalues": _block_eigenvalues(prob, approx, A),
                                   "exact": eigenvalues[kind]}
         measured.modules += _module_errors(prob, name, A, matrices[kind])
+
+
+def _block_eigenvalues(prob: Problem, approx, A: torch.Tensor) -> np.ndarray:
+    """The eigenvalues of the dense ``A`` ``(P, P)``, ascending: those of its diagonal blocks when it is an
+    :class:`~curvlab.approx.Approximation` (zero outside them), else of the whole matrix."""
+    if not isinstance(approx, Approximation):
+        return torch.linalg.eigvalsh(A).cpu().numpy()
+    index = [prob.entries(names).to(A.device) for _, names, _ in approx.blocks]
+    return torch.cat([torch.linalg.eigvalsh(A[i][:, i]) for i in index]).sort().values.cpu().numpy()
 
 
 def _module_errors(prob: Problem, name: str, A: torch.Tensor, C: torch.Tensor) -> list[dict]:

@@ -85,11 +85,16 @@ class ExactPoint:
 
     @classmethod
     def build(cls, problem: Problem, damping: float, reference: str = "natural_gradient", per_block: bool = False,
-              progress: bool = False) -> "ExactPoint":
-        """Gradient, Hessian and the reference steps of ``problem`` at its ``θ`` (dense within the memory budget)."""
+              progress: bool = False, curvatures: Mapping[str, CurvatureOperator] | None = None) -> "ExactPoint":
+        """Gradient, Hessian and the reference steps of ``problem`` at its ``θ`` (dense within the memory budget).
+
+        ``curvatures``: dense Hessian and GGN (:class:`~curvlab.operators.DenseMatrix`) of ``problem`` at
+        ``θ`` already at hand, taken instead of building them again.
+        """
         gradient = problem.gradient()
         hessian = curvature(problem, "hessian")
         ggn = curvature(problem, "ggn")
+        known = {kind: op for kind, op in (curvatures or {}).items() if isinstance(op, DenseMatrix)}
         P = problem.num_params
         try:
             check_dense(P, P, problem.dtype, problem.device, "Hessian")
@@ -98,9 +103,12 @@ class ExactPoint:
             absolute = curvature(problem, "abs_hessian")
         else:
             exact = "dense"
-            hessian = DenseMatrix(problem, "hessian", hessian.to_dense(progress=progress))
+            if "hessian" in known:
+                hessian = known["hessian"]
+            else:
+                hessian = DenseMatrix(problem, "hessian", hessian.to_dense(progress=progress))
             absolute = AbsHessian.from_eigen(problem, *hessian.eigh(), "eigh of the dense Hessian")
-            ggn = DenseMatrix(problem, "ggn", ggn.to_dense(progress=progress))
+            ggn = known["ggn"] if "ggn" in known else DenseMatrix(problem, "ggn", ggn.to_dense(progress=progress))
         newton = DampedInverse(hessian, damping)
         positive = newton.positive_definite()
         references = {
@@ -405,7 +413,8 @@ def _trajectory_rows(prob, name, method, lr, hyper, when, seed, damping, referen
 def compare_steps(prob: Problem, optimizers: Sequence[str] | None = None, reference: str = "natural_gradient",
                   damping: float = 1e-3, mode: str = "one_shot", steps: int = 10, at: Sequence[int] | None = None,
                   per_block: bool = False, lr: float | Mapping[str, float] | None = None, seed: int = 0,
-                  hyperparameters: Mapping[str, Mapping] | None = None, progress: bool = True) -> pd.DataFrame:
+                  hyperparameters: Mapping[str, Mapping] | None = None, progress: bool = True,
+                  curvatures: Mapping[str, CurvatureOperator] | None = None) -> pd.DataFrame:
     """Each optimizer's step against the exact natural-gradient and Newton steps, on the whole model and per module.
 
     Args:
@@ -427,6 +436,10 @@ def compare_steps(prob: Problem, optimizers: Sequence[str] | None = None, refere
         seed: the optimizers' seed (sampled labels, probes).
         hyperparameters: name -> the method's hyperparameters (:func:`curvlab.optim.hyperparameters`).
         progress: show a progress bar over the optimizers.
+        curvatures: one-shot mode: exact curvature operators of ``prob`` at its ``θ`` already at hand,
+            kind -> :class:`~curvlab.operators.DenseMatrix` (or the |λ|-Hessian from its eigenpairs), taken by
+            the reference steps and the exact methods instead of building them again (:func:`curvlab.compare`
+            passes the dense matrices of its spectra).
 
     Returns:
         One row per optimizer (per measured step in trajectory mode, and per module with ``per_block``;
@@ -464,12 +477,12 @@ def compare_steps(prob: Problem, optimizers: Sequence[str] | None = None, refere
     seed = require_integer("seed", seed, minimum=0)
     when = _steps_to_measure(steps, at) if mode == "trajectory" else None
     methods = {name: optim.method(name, **hyperparameters.get(name, {})) for name in names}
-    point = ExactPoint.build(prob, damping, reference, per_block, progress) if mode == "one_shot" else None
+    point = ExactPoint.build(prob, damping, reference, per_block, progress, curvatures) if mode == "one_shot" else None
     rows = []
     for name in tqdm(names, desc="compare steps", disable=not progress, leave=False):
         method = methods[name]
         if mode == "one_shot":
-            direction, linear = optim.one_shot(method, prob, seed=seed)
+            direction, linear = optim.one_shot(method, prob, seed=seed, curvatures=curvatures)
             rows += measure_step(point, direction, optimizer=name, lr=rates[name], linear=linear, method=method,
                                  start=rates[name], mode=mode)
         else:

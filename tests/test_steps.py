@@ -244,3 +244,25 @@ def test_soap_takes_no_one_shot_step_and_its_sharpness_is_zero(monkeypatch, dens
     row = curvlab.compare_steps(prob, ["soap"], progress=False).iloc[0]
     assert row["norm_ratio"] == 0 and row["cos_natural_gradient"] != row["cos_natural_gradient"]
     assert row["sharpness"] == 0
+
+
+def test_curvatures_at_hand_are_taken_instead_of_built_and_change_no_number(monkeypatch):
+    from curvlab.operators import DenseMatrix
+    from curvlab.operators.base import CurvatureOperator
+
+    _, prob = _problem("cnn")
+    names = ["natural_gradient", "newton", "kfac", "sgd"]
+    expected = curvlab.compare_steps(prob, names, per_block=True, progress=False)
+    hessian = curvlab.curvature(prob, "hessian").to_dense(progress=False)
+    curvatures = {"hessian": DenseMatrix(prob, "hessian", hessian, torch.linalg.eigh((hessian + hessian.T) / 2)),
+                  "ggn": DenseMatrix(prob, "ggn", curvlab.curvature(prob, "ggn").to_dense(progress=False))}
+    built = []
+    original = CurvatureOperator.to_dense
+    monkeypatch.setattr(CurvatureOperator, "to_dense",
+                        lambda self, *args, **kwargs: built.append(self.kind) or original(self, *args, **kwargs))
+    table = curvlab.compare_steps(prob, names, per_block=True, progress=False, curvatures=curvatures)
+    assert "hessian" not in built and "ggn" not in built  # the references and the exact methods took them
+    numbers = expected.select_dtypes("number").columns
+    torch.testing.assert_close(torch.tensor(table[numbers].to_numpy(dtype=float)),
+                               torch.tensor(expected[numbers].to_numpy(dtype=float)), rtol=1e-10, atol=1e-12,
+                               equal_nan=True)

@@ -198,16 +198,18 @@ class DenseMatrix(CurvatureOperator):
     """An explicit symmetric ``(P, P)`` matrix over the studied parameters, e.g. a curvature already materialised.
 
     Products are matrix products, ``to_dense`` returns the matrix itself and ``eigh`` its cached
-    eigendecomposition, so analyses that need the dense matrix of an operator more than once share one.
+    eigendecomposition (``eigen``, when already at hand), so analyses that need the dense matrix of an
+    operator more than once share one.
     """
 
-    def __init__(self, problem: Problem, kind: str, matrix: torch.Tensor):
+    def __init__(self, problem: Problem, kind: str, matrix: torch.Tensor,
+                 eigen: tuple[torch.Tensor, torch.Tensor] | None = None):
         if tuple(matrix.shape) != (problem.num_params, problem.num_params):
             raise InvalidProblem(f"a dense {kind} matrix must be {(problem.num_params,) * 2}, got {tuple(matrix.shape)}")
         super().__init__(problem)
         self.kind = kind
         self.matrix = matrix.to(device=problem.device, dtype=problem.dtype)
-        self._eigen = None
+        self._eigen = eigen
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending) and eigenvectors (columns) of ``(M + Mᵀ)/2``, computed once."""

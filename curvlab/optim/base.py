@@ -17,12 +17,13 @@ curvature :func:`curvlab.compare_steps` measures. Transformations never modify t
 """
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from curvlab.errors import InvalidProblem
+from curvlab.operators.base import CurvatureOperator
 from curvlab.problem import Problem
 
 Params = dict[str, torch.Tensor]
@@ -44,6 +45,9 @@ class Statistics:
         seed: the optimizer's seed; with ``step`` it fixes every random draw (:meth:`generator`).
         spread_inversions: with a data-parallel problem, whether a preconditioner that inverts
             per-layer factors may invert each layer on one rank and share the results with all.
+        curvatures: exact curvature operators of :attr:`problem` at this ``θ`` already at hand, kind ->
+            operator (the dense matrices :func:`curvlab.compare` built); methods that need one take it
+            instead of building it again.
     """
 
     source: Problem | Callable[[], Problem]
@@ -52,6 +56,7 @@ class Statistics:
     step: int
     seed: int
     spread_inversions: bool = False
+    curvatures: Mapping[str, CurvatureOperator] = field(default_factory=dict)
 
     @cached_property
     def problem(self) -> Problem:

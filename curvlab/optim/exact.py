@@ -218,12 +218,16 @@ def damped_solve(op: CurvatureOperator, g: torch.Tensor, damping: float, **optio
 
 
 
-def frozen_curvature(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0) -> CurvatureOperator:
+def frozen_curvature(problem: Problem, kind: str, mc_samples: int = 1, seed: int = 0,
+                     known: CurvatureOperator | None = None) -> CurvatureOperator:
     """``C`` of ``problem`` fixed at its current ``θ``: dense within the budget, else products on a copy of the model.
 
     The optimizer changes the parameters in place after the step, and a matrix-free operator takes its
-    products at the parameters' current values; the copy keeps those of the curvature update.
+    products at the parameters' current values; the copy keeps those of the curvature update. A dense
+    or eigendecomposed operator ``known`` to be ``C`` at this ``θ`` is taken as it is.
     """
+    if isinstance(known, (DenseMatrix, AbsHessian)):
+        return known
     op = curvature(problem, kind, mc_samples=mc_samples, seed=seed)
     P = problem.num_params
     try:
@@ -251,7 +255,8 @@ def damped_exact(kind: str, damping: float = 1e-3, mc_samples: int = 1) -> Preco
     mc_samples = require_integer("mc_samples", mc_samples)
 
     def accumulate(state, statistics):
-        return frozen_curvature(statistics.problem, kind, mc_samples, statistics.seed_for()), state[1]
+        known = statistics.curvatures.get(kind) if kind != "fisher_mc" else None  # MC labels: the step's own seed
+        return frozen_curvature(statistics.problem, kind, mc_samples, statistics.seed_for(), known), state[1]
 
     def refresh(state):
         op, _ = state

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from curvlab.errors import InvalidProblem, require_integer, require_number
+from curvlab.operators.base import CurvatureOperator
 from curvlab.optim.base import Params, Preconditioner, Statistics, identity
 from curvlab.parallel import check_group, sum_over_ranks
 from curvlab.problem import Problem, is_batch, likelihood_of, prepare_input, select_parameters
@@ -263,19 +264,22 @@ class _PhaseClock:
         self._last = now
 
 
-def one_shot(method: Method, problem: Problem, seed: int = 0) -> tuple[Params, Callable[[Params], Params] | None]:
+def one_shot(method: Method, problem: Problem, seed: int = 0, curvatures: Mapping[str, CurvatureOperator] | None = None
+             ) -> tuple[Params, Callable[[Params], Params] | None]:
     """The direction ``Δ = P⁻¹ ∇L`` of a preconditioner built from ``problem``'s data alone, and its ``P⁻¹``.
 
     The state is initialised at ``θ``, fed the statistics of all the data as one batch (step 0: every
     update happens) and applied to the full gradient; the second value is the linear map
-    ``v ↦ P⁻¹ v`` at that state, or ``None`` when the method has none.
+    ``v ↦ P⁻¹ v`` at that state, or ``None`` when the method has none. ``curvatures``: exact curvature
+    operators of ``problem`` at ``θ`` already at hand (see :class:`~curvlab.optim.base.Statistics`).
     """
     pre = method.preconditioner
     values = problem.params
     gradient = problem.unflatten(problem.gradient())
     state = pre.init(values)
     if pre.accumulate is not None:
-        state = pre.accumulate(state, Statistics(problem, gradient, problem.loss_value(), 0, seed))
+        state = pre.accumulate(state, Statistics(problem, gradient, problem.loss_value(), 0, seed,
+                                                 curvatures=dict(curvatures or {})))
     if pre.refresh is not None:
         state = pre.refresh(state)
     direction, state = pre.apply(gradient, state, values)
