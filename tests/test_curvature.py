@@ -585,3 +585,42 @@ def test_reusing_passes_records_the_first_batch_once_and_changes_no_product(case
     assert len(recorded) == 1 + (prob.num_batches - 1) * 2
     for actual in products:
         assert_matches(actual, expected_block)
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+@pytest.mark.parametrize("kind", ["ggn", "fisher_mc", "empirical_fisher"])
+@pytest.mark.parametrize("case_name", ["cnn", "transformer", "dict_inputs"])
+def test_output_space_products_replay_the_first_batch_linearised(case_name, kind, traceable, device, monkeypatch):
+    from curvlab.operators import output_space
+
+    case = models.make_case(case_name, device)
+    prob = curvlab.Problem(case.model, case.batches, loss=case.loss)
+    op = curvlab.curvature(prob, kind)
+    V = random_vector((op.shape[0], 3), device)
+    expected_single, expected_block = op @ V[:, 0], op @ V
+    monkeypatch.setattr(output_space, "LINEARISE_FROM", 0)  # the test models are far below it
+    if not traceable:  # a forward pass make_fx cannot trace keeps the plain products
+        def untraceable(*args, **kwargs):
+            raise RuntimeError("cannot trace")
+        monkeypatch.setattr(output_space, "linearize", untraceable)
+    recorded = []
+    original = output_space._linearised
+    monkeypatch.setattr(output_space, "_linearised", lambda *args: recorded.append(1) or original(*args))
+    with op.reusing_passes():
+        single, block = op @ V[:, 0], op @ V
+    assert len(recorded) == 1  # the first batch's pass, once; the other batches take the plain path
+    assert_matches(single, expected_single)
+    assert_matches(block, expected_block)
+
+
+
+def test_models_below_the_linearisation_size_keep_plain_products(device, monkeypatch):
+    from curvlab.operators import output_space
+
+    prob = make_problem(models.make_case("cnn", device))
+    op = curvlab.curvature(prob, "ggn")
+    recorded = []
+    monkeypatch.setattr(output_space, "_linearised", lambda *args: recorded.append(1))
+    with op.reusing_passes():
+        op @ random_vector((op.shape[0], 2), device)
+    assert prob.num_params < output_space.LINEARISE_FROM and not recorded  # tracing would cost more than it saves

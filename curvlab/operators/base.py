@@ -233,9 +233,11 @@ class SummedOverData(CurvatureOperator):
     def reusing_passes(self) -> Iterator[None]:
         """Within the block, the pass an operator records of the first batch it meets is kept and reused.
 
-        An operator whose product replays a recorded pass (the Hessian's ``∇L`` with its graph) then
-        records it once instead of once per product. Only one batch's pass is kept, so the memory stays
-        about that of one product whatever the number of batches; with one batch every product reuses it.
+        An operator whose product replays a recorded pass (the Hessian's ``∇L`` with its graph, the
+        output-space kinds' linearised forward pass and pullback) then records it once instead of once
+        per product; the other batches' products are the plain ones. Only one batch's pass is kept, so
+        the memory stays within about two products' whatever the number of batches; with one batch
+        every product reuses it.
         """
         if self._recorded is not None:
             yield
@@ -246,16 +248,16 @@ class SummedOverData(CurvatureOperator):
         finally:
             self._recorded = None
 
-    def _recorded_pass(self, index: int, record: Callable[[], object]) -> object:
-        """``record()`` for batch ``index``, or what it returned before within :meth:`reusing_passes`."""
-        if self._recorded is None:
-            return record()
-        if index in self._recorded:
-            return self._recorded[index]
-        recorded = record()
-        if not self._recorded:
-            self._recorded[index] = recorded
-        return recorded
+    def _recorded_pass(self, index: int, record: Callable[[], object]) -> object | None:
+        """Within :meth:`reusing_passes`, ``record()`` for the first batch met, kept for its later products.
+
+        ``None`` outside the block and for every other batch: their products take the plain path.
+        """
+        if self._recorded is None or (self._recorded and index not in self._recorded):
+            return None
+        if index not in self._recorded:
+            self._recorded[index] = record()
+        return self._recorded[index]
 
     def _matmat(self, rows: torch.Tensor) -> torch.Tensor:
         """``V C`` for K directions as rows, ``(K, P)``: the sum of every batch's share (over all ranks).

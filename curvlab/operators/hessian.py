@@ -19,8 +19,11 @@ class Hessian(SummedOverData):
 
     def _batch_matmat(self, index, X, y, directions):
         problem = self.problem
-        pullback = self._recorded_pass(
-            index, lambda: vjp(grad(lambda p: problem.batch_loss(p, X, y)), problem.params)[1])
+
+        def record():
+            return vjp(grad(lambda p: problem.batch_loss(p, X, y)), problem.params)[1]
+
+        pullback = self._recorded_pass(index, record) or record()
         count = next(iter(directions.values())).shape[0]
         columns = (pullback({name: direction[k] for name, direction in directions.items()})[0]
                    for k in range(count))
