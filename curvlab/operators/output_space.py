@@ -9,9 +9,10 @@ Within :meth:`~curvlab.operators.base.SummedOverData.reusing_passes`, for models
 :data:`LINEARISE_FROM` studied parameters, the first batch's forward pass is recorded once, linearised
 (:func:`torch.func.linearize`, whose traced tangent map skips the primal computation) and with its
 pullback, and each product replays both: 1.5 instead of 2.0 gradients on the seed study's MLP, for a
-recording of about 4, so Lanczos and SLQ on the GGN take about 18 % less time there. ``linearize`` traces the pass with ``make_fx`` at
-the fixed ``θ`` and inputs (Python branches on tensor values take the branch of that point, which is
-the one every product there takes); a model it cannot trace keeps the plain products.
+recording of about 4, so Lanczos and SLQ on the GGN take about 18 % less time there. ``linearize``
+traces the pass with ``make_fx`` at the fixed ``θ`` and inputs (Python branches on tensor values take
+the branch of that point, which is the one every product there takes); a model it cannot trace keeps
+the plain products.
 """
 
 import warnings
