@@ -9,7 +9,9 @@ rounds of the task's time over the median gradient time of the same round:
   ``create_graph=True``, then per iteration a double-backward Hessian-vector product on the kept
   graph and a normalisation;
 - curvlab's Lanczos for the top eigenvalue to relative residual 1e-3, and for the top 5;
-- curvlab's SLQ density, 5 probes × 80 steps, against 5 × 80 single Hessian products.
+- curvlab's SLQ density, 5 probes × 80 steps, against 5 × 80 single Hessian products;
+- for the GGN (no target): Lanczos for the top 5 and one product, where products within an estimator
+  replay a linearised pass (``curvlab.operators.output_space.LINEARISE_FROM``).
 
 Targets (issue 4): top eigenvalue in at most half of PyHessian's time; top 5 within 150 gradients;
 SLQ within 5 × 80 products plus 10%. Prints a Markdown table and writes ``spectra-<device>.json``.
@@ -48,6 +50,7 @@ def main() -> None:
     device = args.device
     model, X, y, prob = seed_mlp(args)
     H = curvlab.curvature(prob, "hessian")
+    G = curvlab.curvature(prob, "ggn")
     v = torch.randn(prob.num_params, device=device)
     gradient = backward_gradient(model, X, y)
 
@@ -58,6 +61,8 @@ def main() -> None:
         "lanczos_top5_1e-3": lambda: curvlab.spectrum(H, method="lanczos", k=5, tol=1e-3, progress=False),
         "slq_5x80": lambda: curvlab.spectrum(H, method="slq", probes=5, steps=80, progress=False),
         "single_product": lambda: H @ v,
+        "ggn_lanczos_top5_1e-3": lambda: curvlab.spectrum(G, method="lanczos", k=5, tol=1e-3, progress=False),
+        "ggn_single_product": lambda: G @ v,
     }
     ratios = {name: [] for name in tasks}
     for _ in range(args.repeats):
@@ -67,6 +72,7 @@ def main() -> None:
             elapsed = seconds(lambda: results.__setitem__(name, task()), device)
             ratios[name].append(elapsed / base)
     top1, top5, slq = results["lanczos_top1_1e-3"], results["lanczos_top5_1e-3"], results["slq_5x80"]
+    ggn_top5 = results["ggn_lanczos_top5_1e-3"]
     power = statistics.median(ratios["pyhessian_power_20"])
     single = statistics.median(ratios["single_product"])
     rows = [
@@ -82,6 +88,11 @@ def main() -> None:
          "result": f"{slq.products} products; reorthogonalised: {slq.reorthogonalized}",
          "target": f"≤ {1.1 * 400 * single:.0f} (400 single products + 10%)"},
         {"task": "one Hessian product", "gradients": single, "result": "", "target": "—"},
+        {"task": "curvlab Lanczos, GGN top 5 to 1e-3", "gradients": statistics.median(ratios["ggn_lanczos_top5_1e-3"]),
+         "result": f"max residual {float(ggn_top5.residuals.max()):.1e}, all converged: "
+                   f"{bool(ggn_top5.converged.all())}, {ggn_top5.products} products", "target": "—"},
+        {"task": "one GGN product", "gradients": statistics.median(ratios["ggn_single_product"]), "result": "",
+         "target": "—"},
     ]
     write_record("spectra", args, model=f"{MODEL}, random init and data", repeats=args.repeats, rows=rows)
     print_table(["task", "cost (gradients)", "target", "result"],

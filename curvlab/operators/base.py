@@ -251,7 +251,8 @@ class SummedOverData(CurvatureOperator):
     def _recorded_pass(self, index: int, record: Callable[[], object]) -> object | None:
         """Within :meth:`reusing_passes`, ``record()`` for the first batch met, kept for its later products.
 
-        ``None`` outside the block and for every other batch: their products take the plain path.
+        ``None`` outside the block and for every other batch (and kept when ``record()`` returns it): their
+        products take the plain path.
         """
         if self._recorded is None or (self._recorded and index not in self._recorded):
             return None

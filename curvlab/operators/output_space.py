@@ -23,8 +23,6 @@ from torch.func import jvp, linearize, vjp, vmap
 
 from curvlab.operators.base import SummedOverData
 
-_UNTRACEABLE = object()  # the recorded pass of a batch that linearize could not trace
-
 LINEARISE_FROM = 10**6
 """Studied parameters from which products within ``reusing_passes`` replay a linearised pass.
 
@@ -53,7 +51,7 @@ class OutputSpaceCurvature(SummedOverData):
         recorded = (self._recorded_pass(index, lambda: _linearised(forward, params))
                     if problem.num_params >= LINEARISE_FROM else None)
         count = next(iter(directions.values())).shape[0]
-        if recorded is not None and recorded is not _UNTRACEABLE:
+        if recorded is not None:
             output, tangent_map, pullback = recorded  # the traced tangent map takes one direction at a time
             tangents = torch.stack([tangent_map({name: direction[k] for name, direction in directions.items()})
                                     for k in range(count)])
@@ -72,7 +70,7 @@ class OutputSpaceCurvature(SummedOverData):
 
 
 def _linearised(forward, params):
-    """``(f(θ), v ↦ J v, u ↦ Jᵀ u)`` of one batch's forward pass, or ``_UNTRACEABLE``.
+    """``(f(θ), v ↦ J v, u ↦ Jᵀ u)`` of one batch's forward pass, or ``None`` when it cannot be traced.
 
     ``linearize`` traces the forward pass with ``make_fx`` (its constant folding warns about a detail of
     the traced module; that warning is silenced).
@@ -82,7 +80,7 @@ def _linearised(forward, params):
             warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node", category=UserWarning)
             output, tangent_map = linearize(forward, params)
     except Exception:  # an operation make_fx cannot trace: the batch keeps the plain products
-        return _UNTRACEABLE
+        return None
     _, pullback = vjp(forward, params)
     return output, tangent_map, pullback
 
