@@ -121,7 +121,10 @@ def test_sequence_positions_enter_the_gram_as_a_double_sum():
     v = torch.randn(2, part.size, generator=g, dtype=torch.float64)
     c = torch.randn(2, 5, generator=g, dtype=torch.float64)
     assert_matches(part.project(v), v @ explicit.T)
-    assert_matches(part.combine(c), c @ explicit)
+    wide = torch.full((2, part.size + 3), torch.nan, dtype=torch.float64)  # columns of a wider result: not contiguous
+    assert_matches(part.combine(c, wide[:, 1:-2]), c @ explicit)
+    assert wide[:, [0, -2, -1]].isnan().all()
+    assert_matches(part.combine(c[:1], torch.empty(1, part.size, dtype=torch.float64)), c[:1] @ explicit)
 
 
 @pytest.mark.parametrize("per_layer", [False, True])

@@ -63,12 +63,19 @@ class ExampleGradients(ABC):
         """``V U`` for K directions as the rows of ``V`` ``(K, size)``: ``(K, N)``."""
 
     @abstractmethod
-    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """``C Uᵀ`` for K coefficient rows ``C`` ``(K, N)``: ``(K, size)``."""
+    def combine(self, coefficients: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``C Uᵀ`` for K coefficient rows ``C`` ``(K, N)``, written into ``out`` ``(K, size)`` and returned."""
 
     @abstractmethod
     def gram(self) -> torch.Tensor:
         """This part's share ``U_bᵀ U_b`` of the Gram matrix: ``(N, N)``."""
+
+
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b``, written in place (directly where ``out`` is contiguous: no temporary of its size)."""
+    if out.is_contiguous():
+        return torch.matmul(a, b, out=out)
+    return out.copy_(torch.matmul(a, b))
 
 
 class ExplicitGradients(ExampleGradients):
@@ -82,8 +89,8 @@ class ExplicitGradients(ExampleGradients):
     def project(self, rows):
         return rows @ self.rows.T
 
-    def combine(self, coefficients):
-        return coefficients @ self.rows
+    def combine(self, coefficients, out):
+        return _product_into(out, coefficients, self.rows)
 
     def gram(self):
         return self.rows @ self.rows.T
@@ -119,15 +126,15 @@ class LinearGradients(ExampleGradients):
             result += rows[:, self._weight_size:] @ self.out_grads.sum(1).T
         return result
 
-    def combine(self, coefficients):
-        count, (N, T, out), inp = coefficients.shape[0], self.out_grads.shape, self.inputs.shape[2]
-        parts = []
+    def combine(self, coefficients, out):
+        count, (N, T, d_out), inp = coefficients.shape[0], self.out_grads.shape, self.inputs.shape[2]
         if self.weight:
-            weighted = (coefficients[:, :, None, None] * self.out_grads).reshape(count, N * T, out)
-            parts.append(torch.matmul(weighted.transpose(1, 2), self.inputs.reshape(N * T, inp)).flatten(1))
+            weighted = (coefficients[:, :, None, None] * self.out_grads).reshape(count, N * T, d_out)
+            _product_into(out[:, :self._weight_size].unflatten(1, (d_out, inp)), weighted.transpose(1, 2),
+                          self.inputs.reshape(N * T, inp))
         if self.bias:
-            parts.append(coefficients @ self.out_grads.sum(1))
-        return torch.cat(parts, dim=1)
+            _product_into(out[:, self._weight_size:], coefficients, self.out_grads.sum(1))
+        return out
 
     def gram(self):
         N, T, _ = self.out_grads.shape
@@ -186,10 +193,13 @@ class GramBlock(Block):
         return projected if self.mixing is None else projected @ self.mixing
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """``C Zᵀ`` for K rows ``C`` ``(K, r)``: ``(K, p_b)``."""
+        """``C Zᵀ`` for K rows ``C`` ``(K, r)``: ``(K, p_b)``, each part written into its columns."""
         if self.mixing is not None:
             coefficients = coefficients @ self.mixing.T
-        return torch.cat([part.combine(coefficients) for part in self.parts], dim=1)
+        result = coefficients.new_empty(coefficients.shape[0], self.size)
+        for part, columns in zip(self.parts, result.split([part.size for part in self.parts], dim=1)):
+            part.combine(coefficients, columns)
+        return result
 
     def matmat(self, rows):
         core = (self.project(rows) @ self.basis) * self.coefficients
