@@ -120,7 +120,8 @@ COLUMNS = {
         "scale": {"meaning": "the best α = ⟨A, C⟩_F / ‖A‖_F²"},
         "cos_fro": {"meaning": "⟨A, C⟩_F / (‖A‖_F ‖C‖_F)"},
         "rel_spectral": {"meaning": "‖A − C‖₂ / ‖C‖₂"},
-        "overlap_at_k": {"meaning": "‖U_Aᵀ U_C‖_F² / k for the top-k eigenvectors by |λ|"},
+        "overlap_at_k": {"meaning": "‖U_Aᵀ U_C‖_F² / k for the top-k eigenvectors by |λ| (a tie across the k-th "
+                                    "place averaged: the Frobenius cosine of the two projectors)"},
         "inverse_action": {"meaning": "‖(A + δI)⁻¹v − (C + δI)⁻¹v‖ / ‖(C + δI)⁻¹v‖, mean over random v"},
         "inverse_action_gradient": {"meaning": "the same for v = ∇L, the gradient"},
         "damping": {"meaning": "δ of the inverse errors: 10⁻³ ‖C‖_F / √P", "unit": CURVATURE_UNIT},

@@ -10,6 +10,7 @@ import torch
 import curvlab
 import models
 from curvlab.spectra import block_spectra, eigenspace_overlap, spectral_summary
+from curvlab.spectra.overlap import leading_eigenspace, projector_cosine
 from curvlab.spectra.spectrum import spectrum
 from test_density import PROBES, STEPS, synthetic
 from test_spectrum import operator
@@ -113,6 +114,48 @@ def test_eigenspace_overlap_is_the_mean_squared_cosine_of_the_principal_angles()
     V = torch.tensor([[1.0, 0.0], [0.0, math.cos(angle)], [0.0, math.sin(angle)]], dtype=torch.float64)
     assert eigenspace_overlap(U, V) == pytest.approx((1 + math.cos(angle) ** 2) / 2, rel=1e-14)
     assert eigenspace_overlap(U, U) == pytest.approx(1.0, rel=1e-14)
+
+
+def _orthogonal(n, generator):
+    return torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64)).Q
+
+
+def test_tie_weighted_overlap_does_not_depend_on_the_basis_chosen_within_a_tie():
+    # A has a 3-fold eigenvalue across the 2nd place of its top 2 (and -3 ties with it in magnitude); two
+    # eigenbases of A differing by a rotation inside that eigenspace give different plain overlaps with
+    # C's top 2, while the weighted projector (weights 1, 1/4, 1/4, 1/4, 1/4) is the same for both.
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([5.0, 3.0, 3.0, -3.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    Q = _orthogonal(7, g)
+    rotated = Q.clone()
+    rotated[:, 1:5] = Q[:, 1:5] @ _orthogonal(4, g)
+    C = Q @ torch.diag(torch.tensor([4.0, 0.1, 0.2, 0.3, 2.0, 0.4, 0.5], dtype=torch.float64)) @ Q.T
+    values_c, vectors_c = torch.linalg.eigh(C)
+    top_c = leading_eigenspace(values_c, vectors_c, 2)
+    assert top_c[1].tolist() == [1.0, 1.0]
+    first, second = leading_eigenspace(values, Q, 2), leading_eigenspace(values, rotated, 2)
+    assert first[1].tolist() == [1.0, 0.25, 0.25, 0.25, 0.25]
+    plain = [eigenspace_overlap(U[:, :2], top_c[0]) for U in (first[0], second[0])]
+    assert abs(plain[0] - plain[1]) > 0.01
+    assert projector_cosine(first, top_c) == pytest.approx(projector_cosine(second, top_c), rel=1e-13)
+    # against the explicit projectors: P_A = e1 e1ᵀ + (1/4) Q_tie Q_tieᵀ
+    P_a = Q[:, :1] @ Q[:, :1].T + Q[:, 1:5] @ Q[:, 1:5].T / 4
+    P_c = top_c[0] @ top_c[0].T
+    expected = (P_a * P_c).sum() / (P_a.norm() * P_c.norm())
+    assert projector_cosine(first, top_c) == pytest.approx(float(expected), rel=1e-13)
+    assert projector_cosine(first, second) == pytest.approx(1.0, rel=1e-13)
+
+
+def test_without_ties_the_weighted_overlap_is_the_plain_one():
+    g = torch.Generator().manual_seed(1)
+    values = torch.linspace(-2.0, 3.0, 9, dtype=torch.float64)
+    Q, R = _orthogonal(9, g), _orthogonal(9, g)
+    for k in (1, 4, 9):
+        first, second = leading_eigenspace(values, Q, k), leading_eigenspace(values + 0.3, R, k)
+        assert first[1].tolist() == [1.0] * k
+        assert projector_cosine(first, second) == pytest.approx(eigenspace_overlap(first[0], second[0]), rel=1e-13)
+    zero = leading_eigenspace(torch.zeros(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64), 2)
+    assert zero[1].tolist() == [0.5] * 4 and projector_cosine(zero, zero) == pytest.approx(1.0, rel=1e-14)
 
 
 def test_overlap_of_two_curvatures_top_eigenspaces_from_their_spectra(device):

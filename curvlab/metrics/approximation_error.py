@@ -16,8 +16,10 @@ diagonal block ``A_bb``, ``C_bb`` ``(p_b, p_b)``: the approximation's own blocks
   ``(p, k)`` the eigenvectors of the ``k`` eigenvalues largest in **magnitude** (for positive
   semi-definite matrices the largest; for a Hessian the strongest curvature of either sign, the
   directions that also set ``‖·‖₂``); ``k`` is capped at the size ``P`` or ``p_b``. Where eigenvalues
-  tie across the ``k``-th place (FOOF's ``A ⊗ I`` repeats each eigenvalue ``d_out`` times) which vectors
-  of the tied eigenspace count is arbitrary, and so is the overlap to that extent;
+  tie across the ``k``-th place (FOOF's ``A ⊗ I`` repeats each eigenvalue ``d_out`` times) the top-k
+  eigenspace is not unique; dense mode then weights the tied eigenvectors and compares the two
+  projectors by their Frobenius cosine (:func:`curvlab.spectra.overlap.projector_cosine`), the same
+  number without ties and independent of the basis ``eigh`` returns within a tie;
 - ``inverse_action = ‖(A + δI)⁻¹ v − (C + δI)⁻¹ v‖ / ‖(C + δI)⁻¹ v‖``, the mean over ``inverse_probes``
   Rademacher probes ``v`` ``(p,)`` with its standard error over them (in both modes: the probes are
   random, the solves are not), and ``inverse_action_gradient``, the same for ``v = ∇L`` (its block's
@@ -80,8 +82,7 @@ from curvlab.approx.base import Approximation
 from curvlab.errors import DenseTooLarge, InvalidProblem, require_integer, require_number
 from curvlab.memory import check_dense
 from curvlab.operators.base import CurvatureOperator, rademacher
-from curvlab.operators.lanczos import select
-from curvlab.spectra.overlap import eigenspace_overlap
+from curvlab.spectra.overlap import eigenspace_overlap, leading_eigenspace, projector_cosine
 from curvlab.spectra.spectrum import spectrum
 
 METHODS = ("auto", "dense", "randomized")
@@ -261,8 +262,8 @@ def _dense(approx, exact, scopes, rhs, damping, k, budget, progress):
             "rel_fro_scaled_se": 0.0, "scale": float(scale), "scale_se": 0.0,
             "cos_fro": float(inner / (norm_a * norm_c).sqrt()), "cos_fro_se": 0.0,
             "rel_spectral": float(torch.linalg.eigvalsh(A_s - C_s).abs().max() / values_c.abs().max()),
-            "overlap_at_k": eigenspace_overlap(vectors_a[:, select(values_a, "LM", k_s)],
-                                               vectors_c[:, select(values_c, "LM", k_s)]),
+            "overlap_at_k": projector_cosine(leading_eigenspace(values_a, vectors_a, k_s),
+                                             leading_eigenspace(values_c, vectors_c, k_s)),
             "k": k_s, "spectral_converged": True,
             **_inverse_errors(solved_a, solved_c, True),
         }

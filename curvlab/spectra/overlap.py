@@ -5,6 +5,15 @@ squared cosines of the principal angles between the two subspaces (Gur-Ari et al
 compare top-k Hessian eigenspaces over training). The overlap is 1 when the smaller space lies in the
 larger one, 0 when they are orthogonal, and ``k/P`` in expectation for two random ``k``-dimensional
 spaces.
+
+At a tie the top-k eigenspace is not unique: where eigenvalues equal the k-th one (FOOF's ``A ⊗ I``
+repeats each eigenvalue ``d_out`` times), which vectors of the tied eigenspace an eigensolver returns
+is arbitrary. :func:`leading_eigenspace` and :func:`projector_cosine` make the comparison canonical:
+the top-k projector becomes ``P = Σ_i w_i u_i u_iᵀ`` with ``w_i = 1`` above the tie and ``w_i = m/c``
+on the ``c`` tied eigenvectors of which ``m`` are among the top ``k`` (the mean of the projectors of
+all ``m``-dimensional subspaces of the tied eigenspace), and two such projectors are compared by
+their Frobenius cosine ``⟨P_A, P_C⟩_F / (‖P_A‖_F ‖P_C‖_F)``, which does not depend on the bases and
+is ``‖U_Aᵀ U_C‖_F² / k`` when neither side has a tie.
 """
 
 import torch
@@ -36,3 +45,45 @@ def eigenspace_overlap(first, second) -> float:
         raise InvalidProblem(f"the eigenspaces live in different dimensions, {U.shape[0]} and {V.shape[0]}")
     V = V.to(device=U.device, dtype=U.dtype)
     return float((U.T @ V).square().sum() / min(U.shape[1], V.shape[1]))
+
+
+TIE_RTOL = torch.finfo(torch.float64).eps ** 0.5
+"""Eigenvalues whose magnitudes differ by at most this times the largest magnitude (times ``√ε`` of
+their dtype over float64's) count as tied: eigenvectors are determined only up to rotations that
+mix eigenvalues closer than their rounding errors, ``O(ε ‖M‖₂)`` for ``eigh``, allow."""
+
+
+def leading_eigenspace(values: torch.Tensor, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` eigenvalues largest in magnitude of ``(values (n,), vectors (P, n))``, ties weighted: ``(U, w)``.
+
+    ``U`` ``(P, c)`` holds the eigenvectors above the ``k``-th magnitude and every one tied with it,
+    ``w`` ``(c,)`` their weights (1 above the tie, ``m/c`` on a tie of ``c`` of which ``m`` are among
+    the top ``k``; ``Σ w = k``).
+    """
+    magnitudes, order = values.abs().sort(descending=True, stable=True)
+    rtol = TIE_RTOL * (torch.finfo(values.dtype).eps / torch.finfo(torch.float64).eps) ** 0.5
+    tied = (magnitudes - magnitudes[k - 1]).abs() <= rtol * magnitudes[0]
+    inside = torch.arange(len(values), device=values.device) < k
+    weights = torch.ones(len(values), dtype=values.dtype, device=values.device)
+    weights[tied] = float((tied & inside).sum()) / float(tied.sum())
+    chosen = inside | tied
+    return vectors[:, order[chosen]], weights[chosen]
+
+
+def projector_cosine(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """``⟨P_A, P_C⟩_F / (‖P_A‖_F ‖P_C‖_F)`` for ``P = U diag(w) Uᵀ``, each side ``(U, w)`` from :func:`leading_eigenspace`.
+
+    Examples:
+        >>> import torch
+        >>> from curvlab.spectra.overlap import leading_eigenspace, projector_cosine
+        >>> values, eye = torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+        >>> top = leading_eigenspace(values, eye, 2)  # the second place is a tie of two
+        >>> top[1].tolist(), projector_cosine(top, top)
+        ([1.0, 0.5, 0.5], 1.0)
+    """
+    (U, u), (V, v) = first, second
+    if U.shape[0] != V.shape[0]:
+        raise InvalidProblem(f"the eigenspaces live in different dimensions, {U.shape[0]} and {V.shape[0]}")
+    V, v = V.to(device=U.device, dtype=U.dtype), v.to(device=U.device, dtype=U.dtype)
+    inner = u @ (U.T @ V).square() @ v
+    return float(inner / (u.square().sum() * v.square().sum()).sqrt())
