@@ -165,36 +165,32 @@ def lie_group_step(factors: list[torch.Tensor], v: torch.Tensor, h: torch.Tensor
     docstring; returns the new factors. ``asdl_b`` takes ASDL's transposed ``B = V ×_i Q_i⁻¹``
     instead of ``V ×_i Q_i⁻ᵀ`` (OPTIMIZERS.md §17; the balance leaves either unchanged).
     """
+    # The balance Q_1/ρ, Q_2 ρ leaves A, B and ∇_i unchanged and scales each new factor: it is applied last.
+    scales = [1.0] * len(factors)
     if len(factors) == 2:
         rho = torch.sqrt(factors[0].diagonal().max() / factors[1].diagonal().max())
-        factors = [factors[0] / rho, factors[1] * rho]
-    eye = [torch.eye(q.shape[0], dtype=q.dtype, device=q.device) for q in factors]
-    inverses = [torch.linalg.solve_triangular(q, i, upper=True) for q, i in zip(factors, eye)]
+        scales = [1 / rho, rho]
     A = mode_product(h[None], factors)[0]
-    B = mode_product(v[None], inverses if asdl_b else [inverse.T for inverse in inverses])[0]
+    B = v
+    for mode, q in enumerate(factors):  # B ×_i Q_i⁻ᵀ (or Q_i⁻¹) by a triangular solve: no inverse is formed
+        unfolded = B.movedim(mode, 0)
+        solved = torch.linalg.solve_triangular(q if asdl_b else q.T, unfolded.reshape(q.shape[0], -1),
+                                               upper=asdl_b)
+        B = solved.reshape(unfolded.shape).movedim(0, mode)
     tiny = torch.finfo(h.dtype).tiny
     stepped = []
-    for mode, q in enumerate(factors):
+    for mode, (q, scale) in enumerate(zip(factors, scales)):
         a = A.movedim(mode, 0).reshape(q.shape[0], -1)
         b = B.movedim(mode, 0).reshape(q.shape[0], -1)
-        gradient = (a @ a.T - b @ b.T) * _upper_mask(q)
-        stepped.append(q - lr / (gradient.abs().max() + tiny) * (gradient @ q))
+        gradient = (a @ a.T).addmm_(b, b.T, alpha=-1).triu_()
+        step = (gradient @ q).mul_(lr / (torch.linalg.vector_norm(gradient, math.inf) + tiny))
+        stepped.append(torch.sub(q, step, out=step).mul_(scale))
     return stepped
 
 
 def _block_tensor(parts: dict[str, torch.Tensor], names: list[str], layout: Layout, row: int) -> torch.Tensor:
     """Row ``row`` of ``parts`` (``(K, *shape)`` per parameter), the group's entries, as a ``(d_1, …, d_m)``."""
     return layout.to_tensor(torch.cat([parts[name][row].reshape(1, -1) for name in names], dim=1))[0]
-
-
-def _upper_mask(q: torch.Tensor) -> torch.Tensor:
-    """The ``(d, d)`` 0/1 mask of the upper triangle, diagonal included.
-
-    Built by comparing indices rather than with ``torch.triu``, whose kernel spreads even a tiny
-    matrix over the thread pool and costs milliseconds per call on a busy machine.
-    """
-    index = torch.arange(q.shape[0], device=q.device)
-    return (index[:, None] <= index[None, :]).to(q.dtype)
 
 
 def _inverse_gram(q: torch.Tensor) -> torch.Tensor:

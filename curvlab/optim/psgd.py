@@ -98,15 +98,15 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
                                          for _, _, layout in groups])
         v = torch.randn(problem.num_params, generator=statistics.generator(0), dtype=problem.dtype,
                         device=problem.device)
-        kept = torch.zeros_like(v)
-        for _, names, _ in state.groups:
-            entries = problem.entries(names)
-            kept[entries] = v[entries]
+        grouped = {name for _, names, _ in state.groups for name in names}
+        outside = [name for name in problem.param_names if name not in grouped]
+        if outside:
+            v[problem.entries(outside)] = 0
         if form == "newton":
-            h = curvature(problem, "hessian") @ kept
+            h = curvature(problem, "hessian") @ v
         else:
             h = problem.flatten(statistics.gradient)
-        v_parts, h_parts = problem.unflatten(kept), problem.unflatten(h)
+        v_parts, h_parts = problem.unflatten(v), problem.unflatten(h)
         factors = []
         for (_, names, layout), qs in zip(state.groups, state.factors):
             factors.append(lie_group_step(qs, _matrix(v_parts, names, layout), _matrix(h_parts, names, layout),
