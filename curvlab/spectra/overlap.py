@@ -47,21 +47,17 @@ def eigenspace_overlap(first, second) -> float:
     return float((U.T @ V).square().sum() / min(U.shape[1], V.shape[1]))
 
 
-TIE_RTOL = torch.finfo(torch.float64).eps ** 0.5
-"""Eigenvalues whose magnitudes differ by at most this times the largest magnitude (times ``√ε`` of
-their dtype over float64's) count as tied: eigenvectors are determined only up to rotations that
-mix eigenvalues closer than their rounding errors, ``O(ε ‖M‖₂)`` for ``eigh``, allow."""
-
-
 def leading_eigenspace(values: torch.Tensor, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` eigenvalues largest in magnitude of ``(values (n,), vectors (P, n))``, ties weighted: ``(U, w)``.
 
-    ``U`` ``(P, c)`` holds the eigenvectors above the ``k``-th magnitude and every one tied with it,
-    ``w`` ``(c,)`` their weights (1 above the tie, ``m/c`` on a tie of ``c`` of which ``m`` are among
-    the top ``k``; ``Σ w = k``).
+    ``U`` ``(P, j)`` holds the eigenvectors above the ``k``-th magnitude and every one tied with it,
+    ``w`` ``(j,)`` their weights (1 above the tie, ``m/c`` on a tie of ``c`` of which ``m`` are among
+    the top ``k``; ``Σ w = k``). Magnitudes within ``√ε · max|λ|`` (``ε`` of the dtype) of the ``k``-th
+    count as tied: ``eigh``'s eigenvalues carry errors ``O(ε ‖M‖₂)``, so eigenvectors whose eigenvalues
+    are closer than ``√ε ‖M‖₂`` are determined to no better than ``√ε`` and are treated as one eigenspace.
     """
     magnitudes, order = values.abs().sort(descending=True, stable=True)
-    rtol = TIE_RTOL * (torch.finfo(values.dtype).eps / torch.finfo(torch.float64).eps) ** 0.5
+    rtol = torch.finfo(values.dtype).eps ** 0.5
     tied = (magnitudes - magnitudes[k - 1]).abs() <= rtol * magnitudes[0]
     inside = torch.arange(len(values), device=values.device) < k
     weights = torch.ones(len(values), dtype=values.dtype, device=values.device)
