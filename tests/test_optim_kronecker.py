@@ -1,7 +1,9 @@
 """KFAC, SKFAC, FOOF and EKFAC take the steps of OPTIMIZERS.md §1–§3 (dense float64 references)."""
 
 import copy
+import dataclasses
 import math
+import weakref
 
 import pytest
 import torch
@@ -227,6 +229,48 @@ def test_kfac_applies_the_stale_inverse_between_updates_float64():
     _close(opt.last_direction, opt.method.preconditioner.linear(state)(grads))
     opt.step(batches[2])
     assert opt.preconditioner_state.factors is not state.factors
+
+
+def test_a_refresh_frees_the_old_inverses_first_and_a_failed_one_is_retried():
+    case = make_case("mlp_ce")
+    method = curvlab.optim.method("kfac", damping=1e-2, preconditioner_update_interval=2)
+    pre = method.preconditioner
+    old, alive, failing = [], [], [False]
+
+    def refresh(state):
+        alive.append(sum(ref() is not None for ref in old))
+        if failing[0]:
+            raise InvalidProblem("inversion failed")
+        return pre.refresh(state)
+
+    spied = dataclasses.replace(method, preconditioner=dataclasses.replace(pre, refresh=refresh))
+    opt = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), spied, lr=0.1)
+    twin = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), method, lr=0.1)
+    batches = _training_batches(case, 5)
+    for batch in batches[:2]:  # step 0 inverts, step 1 only accumulates and keeps the inverses
+        opt.step(batch), twin.step(batch)
+    old[:] = [weakref.ref(inverse.matrix) for pair in opt.preconditioner_state.inverses.values()
+              for inverse in pair if inverse is not None]
+    assert len(old) == 4 and all(ref() is not None for ref in old)
+    opt.step(batches[2]), twin.step(batches[2])
+    assert alive == [0, 0]  # at step 2's refresh the previous inverses were already freed
+    opt.step(batches[3]), twin.step(batches[3])
+    failing[0] = True
+    before = {name: p.detach().clone() for name, p in opt.model.named_parameters()}
+    with pytest.raises(InvalidProblem, match="inversion failed"):
+        opt.step(batches[4])
+    assert opt.steps == 4 and all(torch.equal(p, before[name]) for name, p in opt.model.named_parameters())
+    failing[0] = False
+    opt.step(batches[4]), twin.step(batches[4])  # the same step again, now inverting: as if it had never failed
+    _close(opt.last_direction, twin.last_direction, rtol=0, atol=0)
+    state = opt.preconditioner_state
+    with pytest.raises(InvalidProblem, match="last inversion failed"):
+        pre.apply(_gradient(opt.model, *batches[0]), pre.release(_with_pending_statistics(state)), None)
+
+
+def _with_pending_statistics(state):
+    """``state`` with pending statistics, as after a curvature step: ``release`` then drops its inverses."""
+    return dataclasses.replace(state, factors=dataclasses.replace(state.factors, total={"": None}))
 
 
 def _ekfac_reference(model, layers, stats, grads, damping, N):

@@ -8,7 +8,10 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
   the current ``θ`` (:class:`Statistics`) into the state, on curvature-update steps;
 - ``refresh(state) -> state``: recompute what the statistics imply (inverses, roots, eigenbases),
   on preconditioner-update steps;
-- ``apply(grads, state, params) -> (direction, state)``: every step.
+- ``apply(grads, state, params) -> (direction, state)``: every step;
+- ``release(state) -> state`` (optional): the state without what the next ``refresh`` recomputes. An
+  owner holding the only reference to the state (:class:`~curvlab.optim.PreconditionedOptimizer`)
+  calls it just before ``refresh``, so that the old inverses are freed before the new ones are built.
 
 ``linear(state)`` gives, where the method has one, the linear map ``v ↦ P⁻¹ v`` that ``apply``
 would use at this state with its moving averages of the gradient, clipping and other nonlinear
@@ -102,6 +105,7 @@ class Preconditioner:
     accumulate: Callable[[State, Statistics], State] | None = None
     refresh: Callable[[State], State] | None = None
     linear: Callable[[State], LinearMap] | None = None
+    release: Callable[[State], State] | None = None
 
     @property
     def needs_statistics(self) -> bool:
@@ -144,6 +148,9 @@ def chain(*parts: Preconditioner) -> Preconditioner:
     def refresh(state):
         return tuple(part.refresh(s) if part.refresh else s for part, s in zip(parts, state))
 
+    def release(state):
+        return tuple(part.release(s) if part.release else s for part, s in zip(parts, state))
+
     def linear(state):
         maps = [part.linear(s) for part, s in zip(parts, state)]
 
@@ -158,6 +165,7 @@ def chain(*parts: Preconditioner) -> Preconditioner:
         init=init, apply=apply,
         accumulate=accumulate if any(part.accumulate for part in parts) else None,
         refresh=refresh if any(part.refresh for part in parts) else None,
+        release=release if any(part.release for part in parts) else None,
         linear=linear if all(part.linear for part in parts) else None,
     )
 

@@ -270,14 +270,21 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
             return replace(state, factors=replace(state.factors, total={}), inverses=inverses)
         return replace(state, inverses=inverses)
 
+    def release(state):
+        return replace(state, inverses={}) if state.factors.total else state
+
     def linear(state):
+        if state.layers and not state.inverses:
+            raise InvalidProblem("the Kronecker factors have no inverses: their last inversion failed; take a step "
+                                 "that refreshes the preconditioner (or raise the damping) before applying it")
         return lambda v: kronecker_direction(v, state.layers, state.inverses, joint_bias=joint_bias,
                                              precondition_bias=precondition_bias)
 
     def apply(grads, state, params):
         return linear(state)(grads), state
 
-    return Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear)
+    return Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear,
+                          release=release)
 
 
 def kfac_preconditioner(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher_mc",

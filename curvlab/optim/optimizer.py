@@ -211,23 +211,30 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if self.process_group is not None:
             loss = self._sum_over_ranks(gradient, loss)
         values = self._values()
-        state = self.preconditioner_state
+        # The step holds the only reference to the state, so that what a refresh replaces is freed first
+        # (Preconditioner.release); whatever happens, the attribute gets the latest state back.
+        state, self.preconditioner_state = self.preconditioner_state, None
         pre = method.preconditioner
         clock.lap("gradient")
-        if pre.accumulate is not None and self.steps % method.curvature_update_interval == 0:
-            training = self.model.training
-            self.model.eval()  # curvature is measured as curvlab analyses models: dropout off, batch-norm fixed
-            try:
-                statistics = Statistics(lambda: self.statistics_problem(batch, local_loss), gradient, loss, self.steps,
-                                        self.seed, self.spread_inversions)
-                state = pre.accumulate(state, statistics)
-            finally:
-                self.model.train(training)
-        clock.lap("statistics")
-        if pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0:
-            state = pre.refresh(state)
-        clock.lap("inversion")
-        direction, state = pre.apply(gradient, state, values)
+        try:
+            if pre.accumulate is not None and self.steps % method.curvature_update_interval == 0:
+                training = self.model.training
+                self.model.eval()  # curvature is measured as curvlab analyses models: dropout off, batch-norm fixed
+                try:
+                    statistics = Statistics(lambda: self.statistics_problem(batch, local_loss), gradient, loss,
+                                            self.steps, self.seed, self.spread_inversions)
+                    state = pre.accumulate(state, statistics)
+                finally:
+                    self.model.train(training)
+            clock.lap("statistics")
+            if pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0:
+                if pre.release is not None:
+                    state = pre.release(state)
+                state = pre.refresh(state)
+            clock.lap("inversion")
+            direction, state = pre.apply(gradient, state, values)
+        finally:
+            self.preconditioner_state = state
         update, self._rule_state = method.rule.apply(direction, self._rule_state, values)
         lr = self.param_groups[0]["lr"]
         with torch.no_grad():
@@ -236,7 +243,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         clock.lap("application")
         if self.time_phases:
             self.phase_seconds = clock.seconds
-        self.preconditioner_state = state
         self.last_direction = direction
         self.steps += 1
         return loss
