@@ -270,8 +270,8 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
             return replace(state, factors=replace(state.factors, total={}), inverses=inverses)
         return replace(state, inverses=inverses)
 
-    def release(state):
-        return replace(state, inverses={}) if state.factors.total else state
+    def release(state):  # local curvature: the step's retry after a failed refresh replaces the factors again
+        return replace(state, inverses={}) if decay == -1 and state.factors.total else state
 
     def linear(state):
         if state.layers and not state.inverses:

@@ -92,7 +92,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             momentum and weight decay); a parameter the method leaves unpreconditioned shares its
             ``.grad`` tensor (the step does not copy gradients: zero them with ``set_to_none=True``,
             torch's default, to keep it).
-        preconditioner_state: the preconditioner's state after the last step.
+        preconditioner_state: the preconditioner's state after the last step (a step takes it over while it runs,
+            so that what a refresh replaces can be freed first).
         steps: the number of steps taken.
         time_phases: when set, each step records :attr:`phase_seconds` (synchronising the device
             between phases, which costs a little time on a GPU).
@@ -211,9 +212,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if self.process_group is not None:
             loss = self._sum_over_ranks(gradient, loss)
         values = self._values()
-        # The step holds the only reference to the state, so that what a refresh replaces is freed first
-        # (Preconditioner.release); whatever happens, the attribute gets the latest state back.
-        state, self.preconditioner_state = self.preconditioner_state, None
+        # The step holds the only reference to the state, so that what a refresh replaces can be freed first
+        # (Preconditioner.release). A step that fails leaves the state it started from, or, once that is
+        # released, the released one (whose retry of the step rebuilds what was dropped).
+        state = before = self.preconditioner_state
+        self.preconditioner_state = None
         pre = method.preconditioner
         clock.lap("gradient")
         try:
@@ -228,13 +231,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     self.model.train(training)
             clock.lap("statistics")
             if pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0:
-                if pre.release is not None:
-                    state = pre.release(state)
+                released = state if pre.release is None else pre.release(state)
+                if released is not state:
+                    state = before = released
                 state = pre.refresh(state)
             clock.lap("inversion")
             direction, state = pre.apply(gradient, state, values)
-        finally:
-            self.preconditioner_state = state
+        except BaseException:
+            self.preconditioner_state = before
+            raise
+        self.preconditioner_state = state
         update, self._rule_state = method.rule.apply(direction, self._rule_state, values)
         lr = self.param_groups[0]["lr"]
         with torch.no_grad():
