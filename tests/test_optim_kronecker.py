@@ -268,6 +268,32 @@ def test_a_refresh_frees_the_old_inverses_first_and_a_failed_one_is_retried():
         pre.apply(_gradient(opt.model, *batches[0]), pre.release(_with_pending_statistics(state)), None)
 
 
+def test_with_moving_average_factors_a_failed_step_leaves_the_state_it_started_from():
+    case = make_case("mlp_ce")
+    method = curvlab.optim.method("kfac", damping=1e-2, ema_decay=0.5)
+    pre = method.preconditioner
+    failing = [False]
+
+    def refresh(state):
+        if failing[0]:
+            raise InvalidProblem("inversion failed")
+        return pre.refresh(state)
+
+    spied = dataclasses.replace(method, preconditioner=dataclasses.replace(pre, refresh=refresh))
+    opt = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), spied, lr=0.1)
+    twin = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), method, lr=0.1)
+    batches = _training_batches(case, 2)
+    opt.step(batches[0]), twin.step(batches[0])
+    start = opt.preconditioner_state
+    failing[0] = True
+    with pytest.raises(InvalidProblem, match="inversion failed"):
+        opt.step(batches[1])
+    assert opt.preconditioner_state is start  # nothing released, the batch not yet folded into the average
+    failing[0] = False
+    opt.step(batches[1]), twin.step(batches[1])
+    _close(opt.last_direction, twin.last_direction, rtol=0, atol=0)
+
+
 def _with_pending_statistics(state):
     """``state`` with pending statistics, as after a curvature step: ``release`` then drops its inverses."""
     return dataclasses.replace(state, factors=dataclasses.replace(state.factors, total={"": None}))
