@@ -231,67 +231,67 @@ def test_kfac_applies_the_stale_inverse_between_updates_float64():
     assert opt.preconditioner_state.factors is not state.factors
 
 
+class _SpiedRefresh:
+    """An optimizer whose method's refresh records the live weak references in ``old`` and fails while ``failing``,
+    and a twin with the plain method; both on copies of ``case``'s model."""
+
+    def __init__(self, case, method):
+        self.pre, self.old, self.alive, self.failing = method.preconditioner, [], [], False
+        spied = dataclasses.replace(method, preconditioner=dataclasses.replace(self.pre, refresh=self.refresh))
+        self.opt = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), spied, lr=0.1)
+        self.twin = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), method, lr=0.1)
+
+    def refresh(self, state):
+        self.alive.append(sum(ref() is not None for ref in self.old))
+        if self.failing:
+            raise InvalidProblem("inversion failed")
+        return self.pre.refresh(state)
+
+    def step(self, batch):
+        self.opt.step(batch), self.twin.step(batch)
+
+    def fail_then_retry(self, batch):
+        """The step fails, leaving the parameters; the retry equals the twin's step, which never failed."""
+        self.failing = True
+        before = {name: p.detach().clone() for name, p in self.opt.model.named_parameters()}
+        steps = self.opt.steps
+        with pytest.raises(InvalidProblem, match="inversion failed"):
+            self.opt.step(batch)
+        assert self.opt.steps == steps
+        assert all(torch.equal(p, before[name]) for name, p in self.opt.model.named_parameters())
+        failed_state = self.opt.preconditioner_state
+        self.failing = False
+        self.step(batch)
+        _close(self.opt.last_direction, self.twin.last_direction, rtol=0, atol=0)
+        return failed_state
+
+
 def test_a_refresh_frees_the_old_inverses_first_and_a_failed_one_is_retried():
     case = make_case("mlp_ce")
-    method = curvlab.optim.method("kfac", damping=1e-2, preconditioner_update_interval=2)
-    pre = method.preconditioner
-    old, alive, failing = [], [], [False]
-
-    def refresh(state):
-        alive.append(sum(ref() is not None for ref in old))
-        if failing[0]:
-            raise InvalidProblem("inversion failed")
-        return pre.refresh(state)
-
-    spied = dataclasses.replace(method, preconditioner=dataclasses.replace(pre, refresh=refresh))
-    opt = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), spied, lr=0.1)
-    twin = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), method, lr=0.1)
+    spy = _SpiedRefresh(case, curvlab.optim.method("kfac", damping=1e-2, preconditioner_update_interval=2))
     batches = _training_batches(case, 5)
     for batch in batches[:2]:  # step 0 inverts, step 1 only accumulates and keeps the inverses
-        opt.step(batch), twin.step(batch)
-    old[:] = [weakref.ref(inverse.matrix) for pair in opt.preconditioner_state.inverses.values()
-              for inverse in pair if inverse is not None]
-    assert len(old) == 4 and all(ref() is not None for ref in old)
-    opt.step(batches[2]), twin.step(batches[2])
-    assert alive == [0, 0]  # at step 2's refresh the previous inverses were already freed
-    opt.step(batches[3]), twin.step(batches[3])
-    failing[0] = True
-    before = {name: p.detach().clone() for name, p in opt.model.named_parameters()}
-    with pytest.raises(InvalidProblem, match="inversion failed"):
-        opt.step(batches[4])
-    assert opt.steps == 4 and all(torch.equal(p, before[name]) for name, p in opt.model.named_parameters())
-    failing[0] = False
-    opt.step(batches[4]), twin.step(batches[4])  # the same step again, now inverting: as if it had never failed
-    _close(opt.last_direction, twin.last_direction, rtol=0, atol=0)
-    state = opt.preconditioner_state
+        spy.step(batch)
+    spy.old[:] = [weakref.ref(inverse.matrix) for pair in spy.opt.preconditioner_state.inverses.values()
+                  for inverse in pair if inverse is not None]
+    assert len(spy.old) == 4 and all(ref() is not None for ref in spy.old)
+    spy.step(batches[2])
+    assert spy.alive == [0, 0]  # at step 2's refresh the previous inverses were already freed
+    spy.step(batches[3])
+    spy.fail_then_retry(batches[4])  # the released state is left; the retry accumulates the factors again
+    pre, state = spy.pre, spy.opt.preconditioner_state
     with pytest.raises(InvalidProblem, match="last inversion failed"):
-        pre.apply(_gradient(opt.model, *batches[0]), pre.release(_with_pending_statistics(state)), None)
+        pre.apply(_gradient(spy.opt.model, *batches[0]), pre.release(_with_pending_statistics(state)), None)
 
 
 def test_with_moving_average_factors_a_failed_step_leaves_the_state_it_started_from():
     case = make_case("mlp_ce")
-    method = curvlab.optim.method("kfac", damping=1e-2, ema_decay=0.5)
-    pre = method.preconditioner
-    failing = [False]
-
-    def refresh(state):
-        if failing[0]:
-            raise InvalidProblem("inversion failed")
-        return pre.refresh(state)
-
-    spied = dataclasses.replace(method, preconditioner=dataclasses.replace(pre, refresh=refresh))
-    opt = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), spied, lr=0.1)
-    twin = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), method, lr=0.1)
+    spy = _SpiedRefresh(case, curvlab.optim.method("kfac", damping=1e-2, ema_decay=0.5))
     batches = _training_batches(case, 2)
-    opt.step(batches[0]), twin.step(batches[0])
-    start = opt.preconditioner_state
-    failing[0] = True
-    with pytest.raises(InvalidProblem, match="inversion failed"):
-        opt.step(batches[1])
-    assert opt.preconditioner_state is start  # nothing released, the batch not yet folded into the average
-    failing[0] = False
-    opt.step(batches[1]), twin.step(batches[1])
-    _close(opt.last_direction, twin.last_direction, rtol=0, atol=0)
+    spy.step(batches[0])
+    start = spy.opt.preconditioner_state
+    # nothing released, the batch not yet folded into the average: a retry folds it in once
+    assert spy.fail_then_retry(batches[1]) is start
 
 
 def _with_pending_statistics(state):
