@@ -201,3 +201,41 @@ def test_seeds_of_random_draws_differ_by_step_and_stream_and_leave_the_global_rn
     draws = [torch.rand(2, generator=curvlab.optim.Statistics(prob, {}, 0.0, 4, 1).generator(2)) for _ in range(2)]
     assert len(seeds) == 27 and torch.equal(*draws)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("name, hp", [("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
+                                      ("sgd", {"momentum": 0.9, "nesterov": True}),
+                                      ("adam", {"weight_decay": 0.1}), ("adamw", {}),
+                                      ("adagrad", {"weight_decay": 0.1, "initial_accumulator_value": 0.5}),
+                                      ("kfac", {})])
+def test_owned_application_updates_the_state_in_place_and_equals_the_pure_one(name, hp):
+    """``apply_owned`` (what the optimizer calls on the state it owns) gives ``apply``'s numbers, reusing the tensors."""
+    method = curvlab.optim.method(name, **hp)
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 2, generator=g, dtype=torch.float64),
+              "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    for part in (method.preconditioner, method.rule):
+        if part.apply_owned is None:
+            continue
+        pure = owned = part.init(params)
+        for _ in range(3):
+            grads = {name: torch.randn(p.shape, generator=g, dtype=torch.float64) for name, p in params.items()}
+            tensors = _tensors(owned)
+            before = [t.clone() for t in _tensors(pure)]
+            expected, pure_next = part.apply(grads, pure, params)
+            assert all(torch.equal(t, b) for t, b in zip(_tensors(pure), before))  # apply leaves its input alone
+            direction, owned = part.apply_owned(grads, owned, params)
+            for key in expected:
+                torch.testing.assert_close(direction[key], expected[key], rtol=1e-14, atol=1e-15)
+            assert all(any(t is u for u in _tensors(owned)) for t in tensors)  # the same tensors, updated
+            pure = pure_next
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for value in state.values() for t in _tensors(value)]
+    if isinstance(state, (tuple, list)):
+        return [t for value in state for t in _tensors(value)]
+    return []

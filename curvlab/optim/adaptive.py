@@ -6,6 +6,8 @@ preconditioner rather than ``F``. The transformations below are the building blo
 ``adam``, ``adamw`` and ``adagrad`` assemble them into :class:`~curvlab.optim.optimizer.Method` s.
 """
 
+from functools import partial
+
 import torch
 
 from curvlab.errors import InvalidProblem, require_number
@@ -47,19 +49,20 @@ def heavy_ball(momentum: float = 0.0, dampening: float = 0.0, weight_decay: floa
         raise InvalidProblem("nesterov momentum needs momentum > 0 and dampening = 0")
     decay = add_decayed_weights(weight_decay)
 
-    def apply(direction, buffers, params):
+    def apply(direction, buffers, params, owned=False):
         d, _ = decay.apply(direction, (), params)
         if momentum == 0:
             return d, buffers
         if buffers is None:
             buffers = {name: value.clone() for name, value in d.items()}
         else:
-            buffers = tree_map(lambda b, g: b.mul(momentum).add_(g, alpha=1 - dampening), buffers, d)
+            buffers = tree_map(lambda b, g: (b.mul_(momentum) if owned else b.mul(momentum)).add_(g, alpha=1 - dampening),
+                               buffers, d)
         if nesterov:
             return tree_map(lambda g, b: g + momentum * b, d, buffers), buffers
         return dict(buffers), buffers
 
-    return Preconditioner(init=lambda params: None, apply=apply)
+    return Preconditioner(init=lambda params: None, apply=apply, apply_owned=partial(apply, owned=True))
 
 
 def study_method(preconditioner: Preconditioner, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -76,17 +79,20 @@ def scale_by_adam(betas=(0.9, 0.999), eps: float = 1e-8) -> Preconditioner:
     eps = require_number("eps", eps, strict=False)
 
     def init(params):
-        zeros = {name: torch.zeros_like(p) for name, p in params.items()}
-        return 0, zeros, dict(zeros)
+        return 0, *({name: torch.zeros_like(p) for name, p in params.items()} for _ in range(2))
 
     def denominator(v, t):
         return (v / (1 - beta2 ** max(t, 1))).sqrt() + eps
 
-    def apply(grads, state, params):
+    def apply(grads, state, params, owned=False):
         t, m, v = state
         t += 1
-        m = tree_map(lambda m_, g: beta1 * m_ + (1 - beta1) * g, m, grads)
-        v = tree_map(lambda v_, g: beta2 * v_ + (1 - beta2) * g * g, v, grads)
+        if owned:
+            m = tree_map(lambda m_, g: m_.mul_(beta1).add_(g, alpha=1 - beta1), m, grads)
+            v = tree_map(lambda v_, g: v_.mul_(beta2).addcmul_(g, g, value=1 - beta2), v, grads)
+        else:
+            m = tree_map(lambda m_, g: beta1 * m_ + (1 - beta1) * g, m, grads)
+            v = tree_map(lambda v_, g: beta2 * v_ + (1 - beta2) * g * g, v, grads)
         direction = tree_map(lambda m_, v_: (m_ / (1 - beta1 ** t)) / denominator(v_, t), m, v)
         return direction, (t, m, v)
 
@@ -94,7 +100,7 @@ def scale_by_adam(betas=(0.9, 0.999), eps: float = 1e-8) -> Preconditioner:
         t, _, v = state
         return lambda g: tree_map(lambda g_, v_: g_ / denominator(v_, t), g, v)
 
-    return Preconditioner(init=init, apply=apply, linear=linear)
+    return Preconditioner(init=init, apply=apply, linear=linear, apply_owned=partial(apply, owned=True))
 
 
 def scale_by_adagrad(eps: float = 1e-10, initial_accumulator_value: float = 0.0) -> Preconditioner:
@@ -102,13 +108,14 @@ def scale_by_adagrad(eps: float = 1e-10, initial_accumulator_value: float = 0.0)
     eps = require_number("eps", eps, strict=False)
     initial = require_number("initial_accumulator_value", initial_accumulator_value, strict=False)
 
-    def apply(grads, v, params):
-        v = tree_map(lambda v_, g: v_ + g * g, v, grads)
+    def apply(grads, v, params, owned=False):
+        v = tree_map(lambda v_, g: v_.addcmul_(g, g) if owned else v_ + g * g, v, grads)
         return tree_map(lambda g, v_: g / (v_.sqrt() + eps), grads, v), v
 
     return Preconditioner(
         init=lambda params: {name: torch.full_like(p, initial) for name, p in params.items()},
         apply=apply, linear=lambda v: lambda g: tree_map(lambda g_, v_: g_ / (v_.sqrt() + eps), g, v),
+        apply_owned=partial(apply, owned=True),
     )
 
 

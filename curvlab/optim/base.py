@@ -11,17 +11,21 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
 - ``apply(grads, state, params) -> (direction, state)``: every step;
 - ``release(state) -> state`` (optional): the state without what the next ``refresh`` recomputes. An
   owner holding the only reference to the state (:class:`~curvlab.optim.PreconditionedOptimizer`)
-  calls it just before ``refresh``, so that the old inverses are freed before the new ones are built.
+  calls it just before ``refresh``, so that the old inverses are freed before the new ones are built;
+- ``apply_owned(grads, state, params) -> (direction, state)`` (optional): ``apply`` for such an owner,
+  which may update the state's tensors in place (momentum buffers and moments, as ``torch.optim``
+  does) instead of building new ones.
 
 ``linear(state)`` gives, where the method has one, the linear map ``v ↦ P⁻¹ v`` that ``apply``
 would use at this state with its moving averages of the gradient, clipping and other nonlinear
 parts left out: the preconditioner whose sharpness ``λ_max(P⁻¹ H)`` and agreement with the exact
-curvature :func:`curvlab.compare_steps` measures. Transformations never modify their inputs.
+curvature :func:`curvlab.compare_steps` measures. Transformations never modify their inputs, but for
+``apply_owned``'s state.
 """
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
@@ -106,6 +110,7 @@ class Preconditioner:
     refresh: Callable[[State], State] | None = None
     linear: Callable[[State], LinearMap] | None = None
     release: Callable[[State], State] | None = None
+    apply_owned: Callable[[Params, State, Params], tuple[Params, State]] | None = None
 
     @property
     def needs_statistics(self) -> bool:
@@ -135,10 +140,11 @@ def chain(*parts: Preconditioner) -> Preconditioner:
     def init(params):
         return tuple(part.init(params) for part in parts)
 
-    def apply(grads, state, params):
+    def apply(grads, state, params, owned=False):
         states = []
         for part, part_state in zip(parts, state):
-            grads, part_state = part.apply(grads, part_state, params)
+            grads, part_state = (part.apply_owned if owned and part.apply_owned else part.apply)(grads, part_state,
+                                                                                                  params)
             states.append(part_state)
         return grads, tuple(states)
 
@@ -166,6 +172,7 @@ def chain(*parts: Preconditioner) -> Preconditioner:
         accumulate=accumulate if any(part.accumulate for part in parts) else None,
         refresh=refresh if any(part.refresh for part in parts) else None,
         release=release if any(part.release for part in parts) else None,
+        apply_owned=partial(apply, owned=True) if any(part.apply_owned for part in parts) else None,
         linear=linear if all(part.linear for part in parts) else None,
     )
 

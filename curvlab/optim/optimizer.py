@@ -89,9 +89,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     Attributes:
         last_direction: name -> tensor, ``Δ = P⁻¹ g`` of the last step (before learning rate,
-            momentum and weight decay); a parameter the method leaves unpreconditioned shares its
-            ``.grad`` tensor (the step does not copy gradients: zero them with ``set_to_none=True``,
-            torch's default, to keep it).
+            momentum and weight decay; ``None`` after a step that failed); a parameter the method leaves
+            unpreconditioned shares its ``.grad`` tensor (the step does not copy gradients: zero them with
+            ``set_to_none=True``, torch's default, to keep it).
         preconditioner_state: the preconditioner's state after the last step (a step takes it over while it runs,
             so that what a refresh replaces can be freed first).
         steps: the number of steps taken.
@@ -181,6 +181,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     def step(self, batch=None):
         """One step on ``batch = (X, y)`` (or a closure); returns the batch loss as a float."""
+        self.last_direction = None  # not kept through the step: its memory is free for the step's own
         method = self.method
         clock = _PhaseClock(next(iter(self._parameters.values())).device if self.time_phases else None)
         if callable(batch):
@@ -236,12 +237,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     state = before = released
                 state = pre.refresh(state)
             clock.lap("inversion")
-            direction, state = pre.apply(gradient, state, values)
+            direction, state = (pre.apply_owned or pre.apply)(gradient, state, values)
         except BaseException:
             self.preconditioner_state = before
             raise
         self.preconditioner_state = state
-        update, self._rule_state = method.rule.apply(direction, self._rule_state, values)
+        update, self._rule_state = (method.rule.apply_owned or method.rule.apply)(direction, self._rule_state, values)
         lr = self.param_groups[0]["lr"]
         with torch.no_grad():
             for name, p in self._parameters.items():
