@@ -281,22 +281,34 @@ def test_a_refresh_frees_the_old_inverses_first_and_a_failed_one_is_retried():
     spy.fail_then_retry(batches[4])  # the released state is left; the retry accumulates the factors again
     pre, state = spy.pre, spy.opt.preconditioner_state
     with pytest.raises(InvalidProblem, match="last inversion failed"):
-        pre.apply(_gradient(spy.opt.model, *batches[0]), pre.release(_with_pending_statistics(state)), None)
+        pre.apply(_gradient(spy.opt.model, *batches[0]), pre.release(state), None)
 
 
-def test_with_moving_average_factors_a_failed_step_leaves_the_state_it_started_from():
+def test_with_moving_average_factors_a_failed_step_keeps_the_average_it_started_from():
     case = make_case("mlp_ce")
     spy = _SpiedRefresh(case, curvlab.optim.method("kfac", damping=1e-2, ema_decay=0.5))
     batches = _training_batches(case, 2)
     spy.step(batches[0])
     start = spy.opt.preconditioner_state
-    # nothing released, the batch not yet folded into the average: a retry folds it in once
-    assert spy.fail_then_retry(batches[1]) is start
+    # the inverses released, the batch not folded into the average: the retry folds it in once
+    failed = spy.fail_then_retry(batches[1])
+    assert failed.factors is start.factors and not failed.inverses and start.inverses
 
 
-def _with_pending_statistics(state):
-    """``state`` with pending statistics, as after a curvature step: ``release`` then drops its inverses."""
-    return dataclasses.replace(state, factors=dataclasses.replace(state.factors, total={"": None}))
+def test_local_ekfac_frees_its_old_eigenbases_before_the_statistics_bring_new_ones():
+    case = make_case("mlp_ce")
+    spy = _SpiedRefresh(case, curvlab.optim.method("ekfac", damping=1e-2))
+    batches = _training_batches(case, 3)
+    spy.step(batches[0])
+    spy.old[:] = [weakref.ref(basis) for pair in spy.opt.preconditioner_state.extra["bases"].values()
+                  for basis in pair if basis is not None]
+    assert len(spy.old) == 4
+    spy.step(batches[1])
+    assert spy.alive == [0, 0]  # at step 1's refresh (after its statistics) the old bases are gone
+    spy.fail_then_retry(batches[2])
+    pre, state = spy.pre, spy.opt.preconditioner_state
+    with pytest.raises(InvalidProblem, match="no eigenbases"):
+        pre.apply(_gradient(spy.opt.model, *batches[0]), pre.release(state), None)
 
 
 def _ekfac_reference(model, layers, stats, grads, damping, N):

@@ -270,8 +270,8 @@ def _kronecker_preconditioner(statistics_of, inverses_of, *, decay: float, debia
             return replace(state, factors=replace(state.factors, total={}), inverses=inverses)
         return replace(state, inverses=inverses)
 
-    def release(state):  # local curvature: the step's retry after a failed refresh replaces the factors again
-        return replace(state, inverses={}) if decay == -1 and state.factors.total else state
+    def release(state):
+        return replace(state, inverses={})
 
     def linear(state):
         if state.layers and not state.inverses:
@@ -539,8 +539,14 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
             return state
         return replace(state, extra={**state.extra, "bases": _eigenbases(state.factors.value())})
 
+    def release(state):  # local mode: the statistics bring new bases (global mode measures S in the old ones)
+        return replace(state, extra={"S": state.extra["S"]}) if decay == -1 else state
+
     def linear(state):
         if "bases" not in state.extra:
+            if state.layers:
+                raise InvalidProblem("EKFAC has no eigenbases: its last curvature step failed; take one before "
+                                     "applying it")
             return dict
         return lambda v: eigenbasis_direction(v, state.layers, state.extra["bases"], state.extra["S"].value(),
                                               damping)
@@ -548,5 +554,6 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
     def apply(grads, state, params):
         return linear(state)(grads), state
 
-    return study_method(Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear),
+    return study_method(Preconditioner(init=init, apply=apply, accumulate=accumulate, refresh=refresh, linear=linear,
+                                       release=release),
                          momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)

@@ -213,15 +213,20 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if self.process_group is not None:
             loss = self._sum_over_ranks(gradient, loss)
         values = self._values()
-        # The step holds the only reference to the state, so that what a refresh replaces can be freed first
-        # (Preconditioner.release). A step that fails leaves the state it started from, or, once that is
-        # released, the released one (whose retry of the step rebuilds what was dropped).
-        state = before = self.preconditioner_state
+        # The step holds the only reference to the state, so that what this step's statistics and refresh
+        # rebuild can be freed first (Preconditioner.release). A step that fails leaves the state it started
+        # from (released, where it was: a retry of the step rebuilds what was dropped).
+        state = self.preconditioner_state
         self.preconditioner_state = None
         pre = method.preconditioner
+        accumulating = pre.accumulate is not None and self.steps % method.curvature_update_interval == 0
+        refreshing = pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0
+        if accumulating and refreshing and pre.release is not None:
+            state = pre.release(state)
+        before = state
         clock.lap("gradient")
         try:
-            if pre.accumulate is not None and self.steps % method.curvature_update_interval == 0:
+            if accumulating:
                 training = self.model.training
                 self.model.eval()  # curvature is measured as curvlab analyses models: dropout off, batch-norm fixed
                 try:
@@ -231,10 +236,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 finally:
                     self.model.train(training)
             clock.lap("statistics")
-            if pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0:
-                released = state if pre.release is None else pre.release(state)
-                if released is not state:
-                    state = before = released
+            if refreshing:
                 state = pre.refresh(state)
             clock.lap("inversion")
             direction, state = (pre.apply_owned or pre.apply)(gradient, state, values)
