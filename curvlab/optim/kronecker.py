@@ -98,7 +98,8 @@ def cholesky_inverse(factor: torch.Tensor, damping: float) -> FactorInverse:
     """``(F + λI)⁻¹`` by Cholesky (ASDL's ``cholesky_inv``)."""
     damped = factor.clone()
     damped.diagonal().add_(damping)
-    return FactorInverse(matrix=torch.cholesky_inverse(_cholesky(damped, "Kronecker factor")))
+    lower = _cholesky(damped, "Kronecker factor")
+    return FactorInverse(matrix=torch.cholesky_inverse(lower, out=damped))  # the damped copy's memory holds it
 
 
 def woodbury_inverse(rows: torch.Tensor, damping: float) -> FactorInverse:
