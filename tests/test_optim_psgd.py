@@ -1,6 +1,8 @@
 """PSGD-Kron fits Q_l, Q_r by lixilinx's Lie-group step (ASDL's transposed B with compat="asdl") and approaches |H|⁻¹."""
 
 import copy
+import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -143,6 +145,27 @@ def test_preconditioner_update_interval_fits_every_kth_step_and_training_decreas
         last = opt.step(case.data)
     assert opt.preconditioner_state.fits == 7
     assert last < 0.7 * first, (first, last)
+
+
+def test_a_fit_starts_with_the_old_factors_products_freed_and_steps_as_before():
+    case = make_case("mlp_ce")
+    method = curvlab.optim.method("psgd_kron", precond_lr=0.1)
+    pre, old, alive = method.preconditioner, [], []
+
+    def accumulate(state, statistics):
+        alive.append(sum(ref() is not None for ref in old))
+        return pre.accumulate(state, statistics)
+
+    spied = dataclasses.replace(method, preconditioner=dataclasses.replace(pre, accumulate=accumulate))
+    opt = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), spied, case.loss, lr=0.1)
+    twin = curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), method, case.loss, lr=0.1)
+    opt.step(case.data), twin.step(case.data)
+    old[:] = [weakref.ref(product) for products in opt.preconditioner_state.products for product in products]
+    assert len(old) == 4 and all(ref() is not None for ref in old)
+    opt.step(case.data), twin.step(case.data)
+    assert alive == [0, 0]
+    for name, direction in twin.last_direction.items():
+        torch.testing.assert_close(opt.last_direction[name], direction, rtol=0, atol=0)
 
 
 def test_whitening_form_trains():

@@ -9,10 +9,10 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
 - ``refresh(state) -> state``: recompute what the statistics imply (inverses, roots, eigenbases),
   on preconditioner-update steps;
 - ``apply(grads, state, params) -> (direction, state)``: every step;
-- ``release(state) -> state`` (optional): the state without what a step that both accumulates and
-  refreshes rebuilds (inverses, eigenbases). An owner holding the only reference to the state
-  (:class:`~curvlab.optim.PreconditionedOptimizer`) calls it before such a step's ``accumulate``, so
-  that the old results are freed before the statistics and the new ones are built;
+- ``release(state) -> state`` (optional): the state without what a step that accumulates (and
+  refreshes, where there is a ``refresh``) rebuilds: inverses, eigenbases, cached products. An owner
+  holding the only reference to the state (:class:`~curvlab.optim.PreconditionedOptimizer`) calls it
+  before such a step's ``accumulate``, so that the old results are freed before the new ones are built;
 - ``apply_owned(grads, state, params) -> (direction, state)`` (optional): ``apply`` for such an owner,
   which may update the state's tensors in place (momentum buffers and moments, as ``torch.optim``
   does) instead of building new ones.

@@ -221,7 +221,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         pre = method.preconditioner
         accumulating = pre.accumulate is not None and self.steps % method.curvature_update_interval == 0
         refreshing = pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0
-        if accumulating and refreshing and pre.release is not None:
+        if accumulating and (refreshing or pre.refresh is None) and pre.release is not None:
             state = pre.release(state)
         before = state
         clock.lap("gradient")

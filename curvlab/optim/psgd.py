@@ -132,7 +132,11 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
     def apply(grads, state, params):
         return precondition(state)(grads), state
 
-    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=precondition)
+    def release(state):  # the products Q_iᵀQ_i of the old factors: the fit makes new factors
+        return state if state is None else KronFactors(state.groups, state.factors, state.fits)
+
+    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=precondition,
+                          release=release)
 
 
 def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float = 1.0,
