@@ -375,7 +375,9 @@ def _capture(problem: Problem):
 def _gathered_positions(tensor: torch.Tensor, group) -> torch.Tensor:
     """The ranks' ``(N_r, T_r, d)`` concatenated along examples, positions padded with zeros to the largest ``T_r``."""
     length = max_over_ranks(tensor.shape[1], group)
-    return concat_over_ranks(nn.functional.pad(tensor, (0, 0, 0, length - tensor.shape[1])), group)
+    if length > tensor.shape[1]:
+        tensor = nn.functional.pad(tensor, (0, 0, 0, length - tensor.shape[1]))
+    return concat_over_ranks(tensor, group)
 
 
 def _sketch(count: int, size: int, method: str, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

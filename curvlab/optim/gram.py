@@ -239,8 +239,9 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
             weight = grads[layer.weight]
             g = weight.flatten(1)
             if layer.bias is not None:
-                g = torch.cat([g, grads[layer.bias][:, None]], dim=1)
-            g = g / damping
+                g = torch.cat([g, grads[layer.bias][:, None]], dim=1).div_(damping)
+            else:
+                g = g / damping
             sub_g = g[:, :-1] if layer.bias is not None else g
             ratio = 1.0
             if layer.out_indices is not None:
@@ -258,7 +259,7 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
             total = roots.sum()
             coefficients = v / total if total > 0 else torch.zeros_like(v)
             mixed = torch.einsum("n,nir->ir", roots, layer.out_grads) @ torch.einsum("n,njr->jr", coefficients, a).T
-            step = g - mixed / a.shape[0] ** 2
+            step = mixed.div_(-a.shape[0] ** 2).add_(g)
             if layer.bias is not None:
                 direction[layer.weight] = step[:, :-1].reshape(weight.shape)
                 direction[layer.bias] = step[:, -1].clone()
