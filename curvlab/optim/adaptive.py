@@ -56,8 +56,8 @@ def heavy_ball(momentum: float = 0.0, dampening: float = 0.0, weight_decay: floa
         if buffers is None:
             buffers = {name: value.clone() for name, value in d.items()}
         else:
-            buffers = tree_map(lambda b, g: (b.mul_(momentum) if owned else b.mul(momentum)).add_(g, alpha=1 - dampening),
-                               buffers, d)
+            decayed = {name: b.mul_(momentum) if owned else b.mul(momentum) for name, b in buffers.items()}
+            buffers = tree_map(lambda b, g: b.add_(g, alpha=1 - dampening), decayed, d)
         if nesterov:
             return tree_map(lambda g, b: g + momentum * b, d, buffers), buffers
         return dict(buffers), buffers

@@ -92,8 +92,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             momentum and weight decay; ``None`` after a step that failed); a parameter the method leaves
             unpreconditioned shares its ``.grad`` tensor (the step does not copy gradients: zero them with
             ``set_to_none=True``, torch's default, to keep it).
-        preconditioner_state: the preconditioner's state after the last step (a step takes it over while it runs,
-            so that what a refresh replaces can be freed first).
+        preconditioner_state: the preconditioner's state after the last step (a step takes it over while it
+            runs, so that what the step rebuilds can be freed first: see ``Preconditioner.release``).
         steps: the number of steps taken.
         time_phases: when set, each step records :attr:`phase_seconds` (synchronising the device
             between phases, which costs a little time on a GPU).
