@@ -217,7 +217,7 @@ def test_owned_application_updates_the_state_in_place_and_equals_the_pure_one(na
     for part in (method.preconditioner, method.rule):
         if part.apply_owned is None:
             continue
-        pure = owned = part.init(params)
+        pure, owned = part.init(params), part.init(params)
         for _ in range(3):
             grads = {name: torch.randn(p.shape, generator=g, dtype=torch.float64) for name, p in params.items()}
             tensors = _tensors(owned)

@@ -20,8 +20,8 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
 ``linear(state)`` gives, where the method has one, the linear map ``v ↦ P⁻¹ v`` that ``apply``
 would use at this state with its moving averages of the gradient, clipping and other nonlinear
 parts left out: the preconditioner whose sharpness ``λ_max(P⁻¹ H)`` and agreement with the exact
-curvature :func:`curvlab.compare_steps` measures. Transformations never modify their inputs, but for
-``apply_owned``'s state.
+curvature :func:`curvlab.compare_steps` measures. Transformations never modify their inputs, except
+``apply_owned``, which may update the state it is given.
 """
 
 from collections.abc import Callable, Mapping
@@ -144,8 +144,8 @@ def chain(*parts: Preconditioner) -> Preconditioner:
     def apply(grads, state, params, owned=False):
         states = []
         for part, part_state in zip(parts, state):
-            grads, part_state = (part.apply_owned if owned and part.apply_owned else part.apply)(grads, part_state,
-                                                                                                  params)
+            step = part.apply_owned if owned and part.apply_owned else part.apply
+            grads, part_state = step(grads, part_state, params)
             states.append(part_state)
         return grads, tuple(states)
 

@@ -30,6 +30,13 @@ def _basis(space) -> torch.Tensor:
     return vectors
 
 
+def _alongside(V: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``V`` on ``U``'s device and dtype, after checking that both bases live in the same dimension."""
+    if U.shape[0] != V.shape[0]:
+        raise InvalidProblem(f"the eigenspaces live in different dimensions, {U.shape[0]} and {V.shape[0]}")
+    return V.to(device=U.device, dtype=U.dtype)
+
+
 def eigenspace_overlap(first, second) -> float:
     """``‖Uᵀ V‖_F² / min(k_U, k_V)`` for two eigenspaces, each a :class:`Spectrum` or a ``(P, k)`` tensor.
 
@@ -41,9 +48,7 @@ def eigenspace_overlap(first, second) -> float:
         (1.0, 0.0)
     """
     U, V = _basis(first), _basis(second)
-    if U.shape[0] != V.shape[0]:
-        raise InvalidProblem(f"the eigenspaces live in different dimensions, {U.shape[0]} and {V.shape[0]}")
-    V = V.to(device=U.device, dtype=U.dtype)
+    V = _alongside(V, U)
     return float((U.T @ V).square().sum() / min(U.shape[1], V.shape[1]))
 
 
@@ -78,8 +83,6 @@ def projector_cosine(first: tuple[torch.Tensor, torch.Tensor], second: tuple[tor
         ([1.0, 0.5, 0.5], 1.0)
     """
     (U, u), (V, v) = first, second
-    if U.shape[0] != V.shape[0]:
-        raise InvalidProblem(f"the eigenspaces live in different dimensions, {U.shape[0]} and {V.shape[0]}")
-    V, v = V.to(device=U.device, dtype=U.dtype), v.to(device=U.device, dtype=U.dtype)
+    V, v = _alongside(V, U), v.to(device=U.device, dtype=U.dtype)
     inner = u @ (U.T @ V).square() @ v
     return float(inner / (u.square().sum() * v.square().sum()).sqrt())
