@@ -6,7 +6,8 @@ cross-entropy, float32, is measured with :func:`curvlab.cost.measure` (median of
 one warm-up step; peak memory from the model copy onwards), each measurement in a fresh Python process so
 that neither implementation inherits the other's allocator state: ASDL's gradient maker
 (``forward_and_backward``) followed by ``torch.optim.SGD`` with momentum 0.9, and
-``curvlab.optim.make(name, compat="asdl")`` (whose heavy-ball momentum 0.9 is the same rule). Both update
+``curvlab.optim.make(name, compat="asdl")`` (whose heavy-ball momentum 0.9 is the same rule; SENG and SMW-NG
+with ``one_pass=True``, taking gradient and statistics from one pass as ASDL's hooks do). Both update
 their curvature and preconditioner every step with damping 1e-3 (Shampoo: ASDL's relative ridge 1e-12;
 PSGD: its own defaults; K-FAC with the MC Fisher, EKFAC with the empirical Fisher, the only one ASDL's
 EKFAC supports). Each ASDL method is also checked to change the gradient it is given
@@ -51,9 +52,10 @@ def asdl_makers(batch: int) -> dict:
         "shampoo": (lambda model: asdl.ShampooGradientMaker(model, asdl.PreconditioningConfig(damping=1e-12)),
                     {"compat": "asdl"}),
         "psgd_kron": (lambda model: asdl.KronPsgdGradientMaker(model, config), {"compat": "asdl"}),
-        "seng": (lambda model: asdl.SengGradientMaker(model, config), {"compat": "asdl", "damping": DAMPING}),
+        "seng": (lambda model: asdl.SengGradientMaker(model, config),
+                 {"compat": "asdl", "damping": DAMPING, "one_pass": True}),
         "smw_ng": (lambda model: asdl.SmwEmpNaturalGradientMaker(
-            model, asdl.SmwEmpNaturalGradientConfig(data_size=batch, damping=DAMPING)), {"damping": DAMPING}),
+            model, asdl.SmwEmpNaturalGradientConfig(data_size=batch, damping=DAMPING)), {"damping": DAMPING, "one_pass": True}),
         "kbfgs": (lambda model: asdl.KronBfgsGradientMaker(model, config), {"compat": "asdl"}),
     }
 

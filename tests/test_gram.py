@@ -15,7 +15,7 @@ import curvlab
 import models
 import reference
 from curvlab.approx import approximate
-from curvlab.approx.gram import GramBlock, LinearGradients, _sketch
+from curvlab.approx.gram import GramBlock, LinearGradients, _sketch, natural_gradient_of_batch
 
 RTOL = 1e-10
 CASES = ["mlp_ce", "cnn", "transformer", "attention", "tied", "dict_inputs"]
@@ -142,6 +142,29 @@ def test_damped_inverse_undoes_the_damped_empirical_fisher(case_name, per_layer)
     eye = torch.eye(problem.num_params, dtype=torch.float64)
     expected = torch.linalg.inv(torch.linalg.inv(dense + damping * eye) + 0.5 * eye)
     assert_matches(twice.to_dense(), expected)
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("case_name, reduction", [("mlp_ce", "mean"), ("cnn", "sum"), ("tied", "mean"),
+                                                  ("transformer", "mean")])
+def test_natural_gradient_of_the_batch_needs_no_gradient(case_name, reduction, per_layer, sketch):
+    # (E + δI)⁻¹ ḡ from the Gram form alone (ḡ = √R U 1), against the operator's own inverse applied to the
+    # autograd gradient and, unsketched, the dense solve; condition number ‖E‖/δ ≤ 1e3 bounds the rounding.
+    case = make(case_name)
+    problem = problem_of(case, reduction)
+    fisher = approximate(problem, "gram", curvature="empirical_fisher", per_layer=per_layer, sketch=sketch, seed=2)
+    damping = 1e-3
+    g = reference.gradient(case.model, case.batches, case.loss, reduction)
+    direction = problem.flatten(natural_gradient_of_batch(fisher, damping))
+    torch.testing.assert_close(direction, fisher.inverse(damping) @ g, rtol=1e-9, atol=1e-9 * float(g.norm()))
+    if sketch is None:
+        U = per_example_gradients(case, reduction)
+        E = U.T @ U
+        if per_layer:
+            E = torch.where(block_mask(problem), E, 0)
+        expected = torch.linalg.solve(E + damping * torch.eye(problem.num_params, dtype=torch.float64), g)
+        torch.testing.assert_close(direction, expected, rtol=1e-9, atol=1e-9 * float(expected.norm()))
 
 
 @pytest.mark.parametrize("p", [0.5, 1.0, 2.0])

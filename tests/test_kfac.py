@@ -306,28 +306,34 @@ def test_ekfac_is_the_diagonal_of_the_exact_block_in_kfac_eigenbasis(name):
         assert ekfac_error <= kfac_error + RTOL * torch.linalg.norm(G), label
 
 
+@pytest.mark.parametrize("thin", [False, True])
 @pytest.mark.parametrize("kind", ["ggn", "empirical_fisher", "fisher_mc"])
 @pytest.mark.parametrize("name, sizes", [("mlp", (3, 1, 2)), ("mlp", (1, 1)), ("cnn", (3, 1, 2))])
-def test_ekfac_in_one_pass_is_ekfac(name, sizes, kind):
-    """Two examples give fewer rows than features (bases from SVDs of the rows), the others eigh of the factors;
-    the EKFAC matrix ``Q diag(S) Qᵀ`` is the same either way and ``S`` is the exact block's diagonal in ``Q``."""
+def test_ekfac_in_one_pass_is_ekfac(name, sizes, kind, thin):
+    """Two examples give fewer rows than features (bases from SVDs of the rows, thin or completed), the others eigh
+    of the factors; the EKFAC matrix ``Q diag(S) Qᵀ`` is the same either way and ``S`` is the exact block's diagonal
+    in ``Q``."""
     from curvlab.approx.kfac import ekfac_one_pass
 
     model, batches, loss = build(name, sizes)
     prob = problem(model, batches, loss)
     targets = sampled_targets(prob, 1, 3) if kind == "fisher_mc" else None
     exact = exact_matrix(kind, model, batches, loss, targets=targets)
-    bases, S = ekfac_one_pass(prob, kind, seed=3)
+    bases, S = ekfac_one_pass(prob, kind, seed=3, thin=thin)
+    thinned = False
     two_pass = {label: block for label, _, block in approximate(prob, "ekfac", kind, seed=3).blocks}
     named = dict(model.named_parameters())
     for label, (Q_B, Q_A) in bases.items():
         for part, Q in (("weight", torch.kron(Q_B.contiguous(), Q_A.contiguous())), ("bias", Q_B)):
             name_ = f"{label}.{part}"
-            assert_matches(Q.T @ Q, torch.eye(Q.shape[0], dtype=DTYPE))
+            assert_matches(Q.T @ Q, torch.eye(Q.shape[1], dtype=DTYPE))
             G = exact_block(exact, model, [name_])
             assert_matches(S[label, part].flatten(), torch.diagonal(Q.T @ G @ Q))
             assert_matches((Q * S[label, part].flatten()) @ Q.T, two_pass[name_].to_dense())
-            assert S[label, part].shape == (named[name_].shape if part == "bias" else named[name_].flatten(1).shape)
+            full = named[name_].shape if part == "bias" else named[name_].flatten(1).shape
+            assert S[label, part].shape == (Q_B.shape[1],) + ((Q_A.shape[1],) if part == "weight" else ())
+            thinned |= S[label, part].shape != full
+    assert thinned == thin if sizes == (1, 1) else thinned <= thin, "two examples give fewer rows than features"
 
 
 @pytest.mark.parametrize("kind", ["empirical_fisher", "fisher_mc"])

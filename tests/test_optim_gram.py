@@ -11,6 +11,7 @@ import curvlab
 from curvlab.errors import InvalidProblem
 from curvlab.optim import Statistics
 from models import make_case
+import reference
 from reference import example_losses, forward, gradient, reduction_factor
 
 
@@ -80,6 +81,79 @@ def test_training_directions_follow_each_batch_and_the_update_interval_float64(n
         opt.step(batch)
         direction = torch.cat([opt.last_direction[n].reshape(-1) for n, _ in model.named_parameters()])
         torch.testing.assert_close(direction, inverse @ g, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("case_name, train", [("mlp_ce", True), ("mlp_mse", True), ("cnn", False)])
+@pytest.mark.parametrize("name, per_layer", [("smw_ng", False), ("seng", True)])
+def test_one_pass_steps_are_the_dense_damped_natural_gradient_float64(case_name, train, name, per_layer):
+    # The step from the Gram form alone, U (K + λI)⁻¹ √R 1 per block, against (E + λI)⁻¹ ḡ from autograd; the
+    # two-pass step reaches it through ḡ/λ − U(…)Uᵀḡ/λ, whose cancellation (ε·‖E‖/λ ≈ 1e-13 here) sets the rtol.
+    case = make_case(case_name)
+    model = copy.deepcopy(case.model).train(train)
+    interval = 2 if name == "seng" else 1
+    hyper = {"damping": 1e-2, **({"curvature_update_interval": interval} if name == "seng" else {})}
+    opt = curvlab.optim.make(name, model, case.loss, lr=0.05, one_pass=True, **hyper)
+    inverse = None
+    for step, batch in enumerate(case.batches * 2):
+        if step % interval == 0:
+            _, inverse = _dense_natural_gradient(model, [batch], case.loss, 1e-2, per_layer)
+        g = gradient(model, [batch], case.loss, "mean")
+        loss = float(reference.loss(model, [batch], case.loss, "mean").detach())
+        assert opt.step(batch) == pytest.approx(loss, rel=1e-12)
+        direction = torch.cat([opt.last_direction[n].reshape(-1) for n, _ in model.named_parameters()])
+        torch.testing.assert_close(direction, inverse @ g, rtol=1e-9, atol=1e-11)
+        one_pass = step % interval == 0
+        assert all((p.grad is None) == one_pass for p in model.parameters()), step
+    assert model.training == train
+
+
+@pytest.mark.parametrize("case_name, hyper, rtol", [
+    ("mlp_ce", {"sketching_size": 2}, 1e-9),  # batches of 3, 5: the sketch of 2 columns is drawn on both
+    # ASDL's SENG: ḡ of each Linear/Conv2d layer from its inputs and output gradients (R Σ e aᵀ), other
+    # parameters' raw gradient from a pass of their own (the layer norm)
+    ("mlp_ce", {"compat": "asdl", "sketching_size": 256}, 1e-10),
+    ("mlp_ce", {"compat": "asdl", "sketching_size": 3}, 1e-10),
+    ("cnn", {"compat": "asdl", "sketching_size": 2}, 1e-10),
+    ("layernorm", {"compat": "asdl", "sketching_size": 3}, 1e-10),
+])
+def test_one_pass_seng_takes_the_two_pass_step_float64(case_name, hyper, rtol):
+    """The same sketches in one pass and in two, so the steps agree to rounding."""
+    case = make_case(case_name)
+    models_ = [copy.deepcopy(case.model) for _ in range(2)]
+    opts = [curvlab.optim.make("seng", model, case.loss, lr=0.05, damping=1e-2, one_pass=one_pass, **hyper)
+            for model, one_pass in zip(models_, (False, True))]
+    for batch in case.batches * 2:
+        losses = [opt.step(batch) for opt in opts]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+        for name in opts[0].last_direction:
+            torch.testing.assert_close(opts[1].last_direction[name], opts[0].last_direction[name], rtol=rtol,
+                                       atol=rtol / 100)
+
+
+def test_one_pass_refuses_models_that_differ_between_training_and_eval_mode_and_leaves_their_state():
+    case = make_case("cnn")  # batch norm
+    model = copy.deepcopy(case.model).train()
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    opt = curvlab.optim.make("smw_ng", model, case.loss, lr=0.05, one_pass=True)
+    with pytest.raises(InvalidProblem, match="same in training and eval mode"):
+        opt.step(case.batches[0])
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.random.get_rng_state()) and model.training
+    dropout = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(InvalidProblem, match="same in training and eval mode"):
+        curvlab.optim.make("seng", dropout, lr=0.1, one_pass=True).step(batch)
+    curvlab.optim.make("seng", dropout.eval(), lr=0.1, one_pass=True).step(batch)  # eval mode: nothing to differ
+
+
+def test_one_pass_is_refused_for_methods_that_need_the_gradient():
+    model = nn.Linear(3, 2)
+    for name, hyper in [("kfac", {}), ("ekfac", {}), ("sgd", {})]:
+        with pytest.raises(InvalidProblem, match="one_pass=True is for methods whose statistics give the gradient"):
+            curvlab.optim.make(name, model, one_pass=True, **hyper)
+    with pytest.raises(InvalidProblem, match="one_pass must be True or False"):
+        curvlab.optim.make("smw_ng", model, one_pass=1)
 
 
 def test_seng_sketch_keeps_the_step_exact_up_to_sketching_size_and_changes_it_beyond():

@@ -13,6 +13,7 @@ from torch import nn
 import curvlab
 from curvlab.approx.kfac import kfac_factors
 from curvlab.errors import InvalidProblem
+from curvlab.optim.kronecker import kronecker_layers, swift_rows
 from models import make_case
 from reference import example_losses
 
@@ -111,11 +112,13 @@ def _close(actual, expected, **tol):
         torch.testing.assert_close(actual[key], expected[key], **(tol or TOL))
 
 
-@pytest.mark.parametrize("case_name", ["mlp_ce", "cnn"])
+@pytest.mark.parametrize("case_name, examples", [("mlp_ce", None), ("mlp_ce", 3), ("cnn", None), ("cnn", 1)])
 @pytest.mark.parametrize("curvature", ["empirical_fisher", "ggn"])
-def test_kfac_step_matches_dense_formula_float64(case_name, curvature):
+def test_kfac_step_matches_dense_formula_float64(case_name, examples, curvature):
+    # Few examples leave factors with fewer rows than features: local KFAC keeps them as rows and inverts by Woodbury.
     case = make_case(case_name)
     X, y = case.data
+    X, y = X[:examples], y[:examples]
     damping = 1e-2
     direction, linear = _one_shot("kfac", case.model, X, y, damping=damping, curvature=curvature)
     layers, stats = _per_example(case.model, X, y, "empirical" if curvature == "empirical_fisher" else "ggn")
@@ -172,6 +175,25 @@ def test_skfac_equals_kfac_on_linear_layers_with_fewer_examples_than_inputs_floa
                                              curvlab.optim.Statistics(problem, {}, 0.0, 0, 0))
     state_inverses = [inverse for pair in method.preconditioner.refresh(state).inverses.values() for inverse in pair]
     assert all(inverse.rows is not None for inverse in state_inverses)
+
+
+@pytest.mark.parametrize("name, batches", [("mlp_ce", 2), ("mlp_ce", 3), ("cnn", 3), ("transformer", 3)])
+@pytest.mark.parametrize("curvature, mc_samples", [("empirical_fisher", 1), ("fisher_mc", 3), ("ggn", 1)])
+def test_factor_rows_fed_batch_by_batch_are_kfacs_factors_float64(name, batches, curvature, mc_samples):
+    """Local K-FAC's factors: rows while fewer than the columns, folded square from the batch that reaches them."""
+    case = make_case(name)
+    problem = curvlab.Problem(case.model, case.batches[:batches], case.loss)
+    statistics = curvlab.optim.Statistics(problem, {}, 0.0, 0, 0)
+    found = swift_rows(statistics, kronecker_layers(statistics), curvature, mc_samples, sum_conv_positions=False)
+    expected = kfac_factors(problem, curvature, mc_samples=mc_samples, seed=statistics.seed_for())
+    kinds = set()
+    for label, pair in found.items():
+        for (kind, value), factor in zip(pair, expected[label]):
+            kinds.add(kind)
+            assert (kind == "rows") == (value.shape[0] < value.shape[1])
+            torch.testing.assert_close(value.T @ value if kind == "rows" else value, factor, **TOL)
+    if (name, batches) == ("mlp_ce", 2):  # 4 examples: d_in 5 and 8, d_out 8 are rows; d_out 4 folds on batch 2
+        assert kinds == {"rows", "square"}
 
 
 def _training_batches(case, steps):
@@ -272,9 +294,9 @@ def test_a_refresh_frees_the_old_inverses_first_and_a_failed_one_is_retried():
     batches = _training_batches(case, 5)
     for batch in batches[:2]:  # step 0 inverts, step 1 only accumulates and keeps the inverses
         spy.step(batch)
-    spy.old[:] = [weakref.ref(inverse.matrix) for pair in spy.opt.preconditioner_state.inverses.values()
-                  for inverse in pair if inverse is not None]
-    assert len(spy.old) == 4 and all(ref() is not None for ref in spy.old)
+    spy.old[:] = [weakref.ref(tensor) for pair in spy.opt.preconditioner_state.inverses.values()
+                  for inverse in pair for tensor in (inverse.matrix, inverse.rows, inverse.kernel) if tensor is not None]
+    assert len(spy.old) >= 4 and all(ref() is not None for ref in spy.old)
     spy.step(batches[2])
     assert spy.alive == [0, 0]  # at step 2's refresh the previous inverses were already freed
     spy.step(batches[3])
@@ -329,10 +351,13 @@ def _ekfac_reference(model, layers, stats, grads, damping, N):
     return expected
 
 
-@pytest.mark.parametrize("case_name", ["mlp_ce", "cnn"])
-def test_ekfac_step_matches_dense_eigenbasis_formula_float64(case_name):
+@pytest.mark.parametrize("case_name, examples", [("mlp_ce", None), ("mlp_ce", 3), ("cnn", None)])
+def test_ekfac_step_matches_dense_eigenbasis_formula_float64(case_name, examples):
+    # 3 examples give every factor fewer rows than features: local EKFAC keeps thin bases (d, 3), its S is 0 off
+    # them; the reference rotates with eigh's full bases. A random vector, not in the span, checks the rest.
     case = make_case(case_name)
     X, y = case.data
+    X, y = X[:examples], y[:examples]
     damping = 1e-3
     direction, linear = _one_shot("ekfac", case.model, X, y, damping=damping, curvature="empirical_fisher")
     layers, stats = _per_example(case.model, X, y)
@@ -340,6 +365,9 @@ def test_ekfac_step_matches_dense_eigenbasis_formula_float64(case_name):
     expected = _ekfac_reference(case.model, layers, stats, grads, damping, len(y))
     _close(direction, expected, rtol=1e-8, atol=1e-10)
     _close(linear(grads), expected, rtol=1e-8, atol=1e-10)
+    generator = torch.Generator().manual_seed(0)
+    v = {name: torch.randn(g.shape, generator=generator, dtype=g.dtype) for name, g in grads.items()}
+    _close(linear(v), _ekfac_reference(case.model, layers, stats, v, damping, len(y)), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("name, hp", [

@@ -29,6 +29,10 @@ and that a layer's parameters are used only by calling the layer. Parameters of 
 other module, and Linear parameters shared with another name (tied weights), use explicit per-example
 gradients from ``vmap(grad)``.
 
+For the batch's own gradient ``ḡ = √R U 1`` (the mean of the per-example gradients), the damped step
+needs no ``P``-vector but the result: ``(U Uᵀ + δ I)⁻¹ ḡ = √R U (δ I + K)⁻¹ 1``
+(:func:`natural_gradient_of_batch`, SMW-NG's and SENG's one-pass step).
+
 Sketching (SENG) replaces ``U`` by ``U S`` with a random ``S`` ``(N, s)`` drawn from a local
 generator, so that ``E[S Sᵀ] = I`` and hence ``E[U S Sᵀ Uᵀ] = U Uᵀ``: ``"subsample"`` keeps ``s``
 distinct examples scaled by ``√(N/s)`` (``s = N`` is exactly ``E``; ``s > N`` is refused),
@@ -159,14 +163,17 @@ class GramBlock(Block):
     Args:
         parts: the rows of ``U`` ``(p_b, N)``, in the block's parameter order.
         mixing: ``S`` ``(N, r)``, or ``None`` for ``S = I``.
-        gram: ``M`` ``(r, r)``; basis, eigenvalues: ``V``, ``λ`` (clipped at 0).
+        example_gram: ``K = Uᵀ U`` ``(N, N)``; gram: ``M = Sᵀ K S`` ``(r, r)`` (``K`` itself for ``S = I``).
+        basis, eigenvalues: ``V``, ``λ`` of ``M`` (clipped at 0).
         coefficients: ``c`` ``(r,)``; shift: ``σ``.
     """
 
-    def __init__(self, parts: list[ExampleGradients], mixing: torch.Tensor | None, gram: torch.Tensor,
-                 basis: torch.Tensor, eigenvalues: torch.Tensor, coefficients: torch.Tensor, shift: float = 0.0):
+    def __init__(self, parts: list[ExampleGradients], mixing: torch.Tensor | None, example_gram: torch.Tensor,
+                 gram: torch.Tensor, basis: torch.Tensor, eigenvalues: torch.Tensor, coefficients: torch.Tensor,
+                 shift: float = 0.0):
         self.parts = parts
         self.mixing = mixing
+        self.example_gram = example_gram
         self.gram = gram
         self.basis = basis
         self.eigenvalues = eigenvalues
@@ -177,14 +184,14 @@ class GramBlock(Block):
     @classmethod
     def from_gradients(cls, parts: list[ExampleGradients], mixing: torch.Tensor | None = None) -> "GramBlock":
         """The block ``Z Zᵀ``, ``Z = U S``, from the rows of ``U`` and the sketch ``S`` (``None``: ``I``)."""
-        gram = sum(part.gram() for part in parts)
-        if mixing is not None:
-            gram = mixing.T @ gram @ mixing
+        example_gram = sum(part.gram() for part in parts)
+        gram = example_gram if mixing is None else mixing.T @ example_gram @ mixing
         values, basis = torch.linalg.eigh((gram + gram.T) / 2)
-        return cls(parts, mixing, gram, basis, values.clamp(min=0), torch.ones_like(values))
+        return cls(parts, mixing, example_gram, gram, basis, values.clamp(min=0), torch.ones_like(values))
 
     def _derived(self, shift: float, coefficients: torch.Tensor) -> "GramBlock":
-        return GramBlock(self.parts, self.mixing, self.gram, self.basis, self.eigenvalues, coefficients, shift)
+        return GramBlock(self.parts, self.mixing, self.example_gram, self.gram, self.basis, self.eigenvalues,
+                         coefficients, shift)
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """``V Z`` for K directions as rows ``(K, p_b)``: ``(K, r)``."""
@@ -193,13 +200,31 @@ class GramBlock(Block):
         return projected if self.mixing is None else projected @ self.mixing
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """``C Zᵀ`` for K rows ``C`` ``(K, r)``: ``(K, p_b)``, each part written into its columns."""
+        """``C Zᵀ`` for K rows ``C`` ``(K, r)``: ``(K, p_b)``."""
         if self.mixing is not None:
             coefficients = coefficients @ self.mixing.T
-        result = coefficients.new_empty(coefficients.shape[0], self.size)
-        for part, columns in zip(self.parts, result.split([part.size for part in self.parts], dim=1)):
-            part.combine(coefficients, columns)
-        return result
+        return self.combine_examples(coefficients, coefficients.new_empty(coefficients.shape[0], self.size))
+
+    def combine_examples(self, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``W Uᵀ`` for K rows ``W`` ``(K, N)`` over the examples, each part written into its columns of ``out`` ``(K, p_b)``."""
+        for part, columns in zip(self.parts, out.split([part.size for part in self.parts], dim=1)):
+            part.combine(weights, columns)
+        return out
+
+    def damped_solve_in_span(self, damping: float, weights: torch.Tensor) -> torch.Tensor:
+        """``w`` ``(N,)`` with ``U w = (B + δ I)⁻¹ U u`` for this block ``B`` and ``u = weights`` ``(N,)``: no ``P``-vector.
+
+        With ``d = σ + δ``, ``μ = λ c``: ``w = u/d − S V diag(c / (d (d + μ))) Vᵀ Sᵀ K u``, which for ``S = I``
+        is ``V diag(1 / (d + μ)) Vᵀ u``, computed so, without the cancellation of the two terms.
+        """
+        d = self.shift + damping
+        if d <= 0:
+            raise InvalidProblem("the Gram (low-rank) empirical Fisher without damping has no inverse; give a damping > 0")
+        spectrum = self.eigenvalues * self.coefficients
+        if self.mixing is None:
+            return self.basis @ ((self.basis.T @ weights) / (d + spectrum))
+        mixed = self.basis.T @ (self.mixing.T @ (self.example_gram @ weights))
+        return weights / d - self.mixing @ (self.basis @ (mixed * self.coefficients / (d * (d + spectrum))))
 
     def matmat(self, rows):
         core = (self.project(rows) @ self.basis) * self.coefficients
@@ -455,3 +480,24 @@ def gram(problem: Problem, curvature: str = "empirical_fisher", per_layer: bool 
         mixing = None if sketch is None else _sketch(count, sketch, sketch_method, generator, problem.params[names[0]])
         blocks.append((label, [name for part in parts for name in part.names], GramBlock.from_gradients(parts, mixing)))
     return Approximation(problem, "gram", curvature, blocks)
+
+
+def natural_gradient_of_batch(fisher: Approximation, damping: float) -> dict[str, torch.Tensor]:
+    """``(E + δ I)⁻¹ ḡ`` for ``E = U Uᵀ`` from :func:`gram` and ``ḡ = √R U 1``, the gradient of the examples ``E`` is built from.
+
+    Block by block ``U_b w_b``, ``w_b`` from the ``N × N`` eigenbasis (:meth:`GramBlock.damped_solve_in_span` of
+    ``u = √R 1``): one combination of the examples per layer and neither ``ḡ`` nor its projection ``Uᵀ ḡ``, as
+    ASDL's SMW-NG takes its step from the pass that gave its Gram matrix (OPTIMIZERS.md §8).
+    """
+    problem = fisher.problem
+    shapes = dict(zip(problem.param_names, problem.param_shapes))
+    mean = torch.full((problem.num_examples,), math.sqrt(problem.reduction_factor), dtype=problem.dtype,
+                      device=problem.device)
+    direction = {}
+    with torch.no_grad():
+        for _, names, block in fisher.blocks:
+            weights = block.damped_solve_in_span(damping, mean)[None]
+            columns = block.combine_examples(weights, weights.new_empty(1, block.size))[0]
+            for name, piece in zip(names, columns.split([shapes[name].numel() for name in names])):
+                direction[name] = piece.view(shapes[name])
+    return {name: direction[name] for name in problem.param_names}

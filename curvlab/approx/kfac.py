@@ -282,27 +282,30 @@ def ekfac_eigenvalues(problem: Problem, bases: dict[str, tuple[torch.Tensor, tor
                         layers, bases)
 
 
-def eigenbasis_of_rows(rows: torch.Tensor) -> torch.Tensor:
+def eigenbasis_of_rows(rows: torch.Tensor, thin: bool = False) -> torch.Tensor:
     """The eigenvectors ``Q`` ``(d, d)`` of ``XᵀX`` for rows ``X`` ``(m, d)``.
 
     With ``m < d`` they are the right singular vectors of ``X`` completed to an orthonormal basis
-    (``O(m d²)``, ASDL's choice; the completion spans the null space, where ``XᵀX`` is 0); otherwise
-    ``eigh(XᵀX)`` (``O(d³)``).
+    (``O(m d²)``, ASDL's choice; the completion spans the null space, where ``XᵀX`` is 0), or with
+    ``thin`` only those ``m`` vectors ``(d, m)``, which span the row space; otherwise ``eigh(XᵀX)`` (``O(d³)``).
     """
     if rows.shape[0] < rows.shape[1]:
-        return torch.linalg.svd(rows, full_matrices=True).Vh.T
+        return torch.linalg.svd(rows, full_matrices=not thin).Vh.T
     return torch.linalg.eigh(rows.T @ rows)[1]
 
 
-def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int = 1,
-                   seed: int = 0) -> tuple[dict[str, tuple], dict[tuple[str, str], torch.Tensor]]:
+def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int = 1, seed: int = 0,
+                   thin: bool = False) -> tuple[dict[str, tuple], dict[tuple[str, str], torch.Tensor]]:
     """EKFAC's bases and eigenvalues of :func:`ekfac` (expand, separate bias) in one pass, keeping every batch's rows.
 
     Returns ``label -> (Q_B, Q_A)`` and ``(label, "weight" | "bias") -> S`` as :func:`ekfac_eigenvalues`.
     The bases come from the layers' input rows ``a_nt`` and output-gradient rows ``e_nkt``
     (:func:`eigenbasis_of_rows`; a basis is unique up to rotations within eigenspaces, which leave
-    ``EKFAC`` unchanged where ``S`` is constant, as on the null space). The rows of all batches (of all
-    ranks, gathered) are held at once: meant for one mini-batch (an optimizer's curvature step).
+    ``EKFAC`` unchanged where ``S`` is constant, as on the null space). With ``thin``, a factor with
+    fewer rows ``m`` than features ``d`` keeps only the ``m`` vectors of its row space, ``(d, m)``, and
+    ``S`` only their entries: every per-example gradient lies in that span, so ``S`` is 0 off it and
+    ``Q diag(S) Qᵀ`` is the same matrix. The rows of all batches (of all ranks, gathered) are held at
+    once: meant for one mini-batch (an optimizer's curvature step).
     """
     mc_samples = _check(curvature, "expand", False, mc_samples, seed, {})
     taps, layers, _ = _plan(problem, False)
@@ -316,8 +319,8 @@ def ekfac_one_pass(problem: Problem, curvature: str = "ggn", *, mc_samples: int 
     rows_B = {layer.label: concat_over_ranks(torch.cat([g[layer.label].reshape(-1, g[layer.label].shape[-1]) * weight ** 0.5
                                                         for _, gradients in kept for g, weight in gradients]), group)
               for layer in layers}
-    bases = {label: (eigenbasis_of_rows(rows_B[label]), eigenbasis_of_rows(rows_A[label]) if label in rows_A else None)
-             for label in rows_B}
+    bases = {label: (eigenbasis_of_rows(rows_B[label], thin),
+                     eigenbasis_of_rows(rows_A[label], thin) if label in rows_A else None) for label in rows_B}
     del rows_A, rows_B
     return bases, _eigenvalues(problem, kept, layers, bases)
 

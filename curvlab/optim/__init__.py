@@ -69,7 +69,7 @@ def method(name: str, **hyperparameters_) -> Method:
 
 
 def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, params=None, reduction: str = "mean",
-         seed: int = 0, process_group=None, spread_inversions: bool = False,
+         seed: int = 0, process_group=None, spread_inversions: bool = False, one_pass: bool = False,
          **hyperparameters_) -> PreconditionedOptimizer:
     """The optimizer ``name`` on ``model``'s parameters (all trainable ones, or those ``params`` selects).
 
@@ -82,6 +82,7 @@ def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, 
         reduction: ``"mean"`` or ``"sum"``.
         seed: fixes every random draw of the method (sampled labels, probes, sketches).
         process_group, spread_inversions: data-parallel training (:class:`PreconditionedOptimizer`).
+        one_pass: SMW-NG's and SENG's curvature-update steps from one pass of the model (:class:`PreconditionedOptimizer`).
         **hyperparameters_: the method's own (:func:`hyperparameters`).
 
     Examples:
@@ -94,7 +95,7 @@ def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, 
     """
     return PreconditionedOptimizer(model, method(name, **hyperparameters_), loss, lr, params=params,
                                    reduction=reduction, seed=seed, name=name, process_group=process_group,
-                                   spread_inversions=spread_inversions)
+                                   spread_inversions=spread_inversions, one_pass=one_pass)
 
 
 __all__ = ["Method", "PreconditionedOptimizer", "Preconditioner", "Statistics", "builder", "chain",

@@ -15,7 +15,12 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
   before such a step's ``accumulate``, so that the old results are freed before the new ones are built;
 - ``apply_owned(grads, state, params) -> (direction, state)`` (optional): ``apply`` for such an owner,
   which may update the state's tensors in place (momentum buffers and moments, as ``torch.optim``
-  does) instead of building new ones.
+  does) instead of building new ones;
+- ``step_from_statistics(state, statistics) -> (direction, state)`` (optional): ``accumulate``,
+  ``refresh`` and ``apply`` at once, for a method whose statistics determine the batch's own gradient
+  (the mean of the per-example gradients of SMW-NG's and SENG's Gram matrices): the step of an owner
+  that has not computed the gradient (``statistics.gradient`` is ``None``: one pass of the model
+  instead of one for the gradient and one for the statistics, as ASDL takes both from its training pass).
 
 ``linear(state)`` gives, where the method has one, the linear map ``v ↦ P⁻¹ v`` that ``apply``
 would use at this state with its moving averages of the gradient, clipping and other nonlinear
@@ -47,7 +52,8 @@ class Statistics:
         source: the batch as a :class:`curvlab.Problem` whose studied parameters are the optimizer's, or a
             function that builds it; :attr:`problem` builds it on first use, so that methods reading only
             the gradient never pay for it.
-        gradient: ``∇L`` of the batch, name -> tensor (the gradient the step preconditions).
+        gradient: ``∇L`` of the batch, name -> tensor (the gradient the step preconditions), or ``None`` for
+            ``Preconditioner.step_from_statistics``, which derives it from the statistics.
         loss: ``L`` of the batch.
         step: the number of steps taken before this one (0 on the first).
         seed: the optimizer's seed; with ``step`` it fixes every random draw (:meth:`generator`).
@@ -59,7 +65,7 @@ class Statistics:
     """
 
     source: Problem | Callable[[], Problem]
-    gradient: Params
+    gradient: Params | None
     loss: float
     step: int
     seed: int
@@ -112,6 +118,7 @@ class Preconditioner:
     linear: Callable[[State], LinearMap] | None = None
     release: Callable[[State], State] | None = None
     apply_owned: Callable[[Params, State, Params], tuple[Params, State]] | None = None
+    step_from_statistics: Callable[[State, Statistics], tuple[Params, State]] | None = None
 
     @property
     def needs_statistics(self) -> bool:

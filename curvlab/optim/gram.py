@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from curvlab.approx.gram import SKETCH_METHODS, gram
+from curvlab.approx.gram import SKETCH_METHODS, gram, natural_gradient_of_batch
 from curvlab.approx.kfac import output_columns
 from curvlab.approx.kronecker_statistics import KroneckerLayers
 from curvlab.errors import InvalidProblem, require_integer, require_number
@@ -41,17 +41,25 @@ def damped_empirical_fisher(damping: float, per_layer: bool, sketching_size: int
     """``Δ = (E + λ I)⁻¹ g`` with ``E`` the batch's empirical Fisher, whole (``per_layer=False``) or block-diagonal per module.
 
     On curvature-update steps the Gram form of ``E`` (:func:`curvlab.approx.gram.gram`) of the batch
-    is built and inverted; between updates the stale inverse is applied to the current gradient.
+    is built and inverted; between updates the stale inverse is applied to the current gradient. Its
+    ``step_from_statistics`` gives the batch's step from the Gram form alone (``ḡ = √R U 1``:
+    :func:`curvlab.approx.gram.natural_gradient_of_batch`).
     With ``sketching_size`` ``s`` and a batch of ``N > s`` examples, ``U`` is replaced by its sketch
     ``U S`` with ``s`` columns (``sketch_method``), seeded by the step.
     """
 
-    def accumulate(state, statistics):
+    def fisher_of(statistics):
         problem = statistics.problem
         sketch = sketching_size if sketching_size is not None and problem.num_examples > sketching_size else None
-        fisher = gram(problem, "empirical_fisher", per_layer=per_layer, sketch=sketch, sketch_method=sketch_method,
-                      seed=statistics.seed_for(1))
-        return fisher.inverse(damping)
+        return gram(problem, "empirical_fisher", per_layer=per_layer, sketch=sketch, sketch_method=sketch_method,
+                    seed=statistics.seed_for(1))
+
+    def accumulate(state, statistics):
+        return fisher_of(statistics).inverse(damping)
+
+    def step_from_statistics(state, statistics):
+        fisher = fisher_of(statistics)
+        return natural_gradient_of_batch(fisher, damping), fisher.inverse(damping)
 
     def apply(grads, inverse, params):
         if inverse is None:
@@ -62,7 +70,8 @@ def damped_empirical_fisher(damping: float, per_layer: bool, sketching_size: int
     def linear(inverse):
         return lambda v: inverse @ v
 
-    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=linear)
+    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=linear,
+                          step_from_statistics=step_from_statistics)
 
 
 def smw_ng(damping: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0) -> Method:
@@ -192,7 +201,8 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
     the per-example summed loss at the true labels.
     """
 
-    def accumulate(state, statistics):
+    def layers_of(statistics, gradient: bool = False):
+        """The layers' statistics and, with ``gradient``, the batch gradient ``ḡ`` of their studied parameters."""
         problem = statistics.problem
         taps = KroneckerLayers(problem)
         targets = {}
@@ -210,10 +220,15 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
                     out_grads.setdefault(label, []).append(e[label][0])
         generator = statistics.generator(1)
         count = problem.num_examples
-        layers = {}
+        layers, grads = {}, {}
         for label, (weight, bias) in targets.items():
             a, e = (concat_over_ranks(torch.cat(rows[label]), problem.process_group).transpose(1, 2)
                     for rows in (inputs, out_grads))
+            if gradient:  # ḡ_W = R Σ_{n,t} e_nt a_ntᵀ, ḡ_b = R Σ_{n,t} e_nt
+                grads[weight] = torch.einsum("nir,njr->ij", e, a).mul_(problem.reduction_factor).view(
+                    problem.params[weight].shape)
+                if bias is not None:
+                    grads[bias] = e.sum((0, 2)).mul_(problem.reduction_factor)
             if isinstance(taps.modules[label], nn.Conv2d):
                 a, e = _truncate(a, e, truncated_rank)
             elif a.shape[2] != 1:
@@ -229,7 +244,19 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
             eye = torch.eye(count, dtype=K.dtype, device=K.device)
             inverse = torch.cholesky_inverse(torch.linalg.cholesky(K / count + damping * eye)).to(a.dtype)
             layers[label] = SketchedLayer(weight, bias, a, e, sub_a, sub_e, in_indices, out_indices, inverse)
-        return layers
+        return layers, grads
+
+    def accumulate(state, statistics):
+        return layers_of(statistics)[0]
+
+    def step_from_statistics(state, statistics):
+        layers, grads = layers_of(statistics, gradient=True)
+        problem = statistics.problem
+        rest = [name for name in problem.param_names if name not in grads]
+        if rest:  # parameters the formula leaves raw: their gradient from a pass of their own
+            restricted = problem.restrict(rest)
+            grads.update(restricted.unflatten(restricted.gradient()))
+        return apply({name: grads[name] for name in problem.param_names}, layers, statistics.params)
 
     def apply(grads, layers, params):
         if layers is None:
@@ -238,36 +265,31 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
         for layer in layers.values():
             weight = grads[layer.weight]
             g = weight.flatten(1)
-            if layer.bias is not None:
-                g = torch.cat([g, grads[layer.bias][:, None]], dim=1).div_(damping)
-            else:
-                g = g / damping
-            sub_g = g[:, :-1] if layer.bias is not None else g
-            ratio = 1.0
+            columns = g.shape[1] + (layer.bias is not None)  # ASDL's ratio counts the bias column
+            sub_g, ratio = g, 1.0
             if layer.out_indices is not None:
                 sub_g = sub_g.index_select(0, layer.out_indices)
                 ratio *= g.shape[0] / sub_g.shape[0]
             if layer.in_indices is not None:
                 sub_g = sub_g.index_select(1, layer.in_indices)
-                ratio *= g.shape[1] / sub_g.shape[1]  # ASDL counts the bias column here
+                ratio *= columns / sub_g.shape[1]
             projected = torch.einsum("ij,nir,njr->n", sub_g, layer.sketched_out_grads, layer.sketched_inputs)
-            v = layer.gram_inverse @ (ratio * projected)
-            a = layer.inputs
-            if layer.bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1, a.shape[2])], dim=1)
+            v = layer.gram_inverse @ projected.mul_(ratio / damping)
             roots = v.abs().sqrt()
             total = roots.sum()
             coefficients = v / total if total > 0 else torch.zeros_like(v)
-            mixed = torch.einsum("n,nir->ir", roots, layer.out_grads) @ torch.einsum("n,njr->jr", coefficients, a).T
-            step = mixed.div_(-a.shape[0] ** 2).add_(g)
-            if layer.bias is not None:
-                direction[layer.weight] = step[:, :-1].reshape(weight.shape)
-                direction[layer.bias] = step[:, -1].clone()
-            else:
-                direction[layer.weight] = step.reshape(weight.shape)
+            mixed_out = torch.einsum("n,nir->ir", roots, layer.out_grads)  # Σ_n √|v_n| e_n  (d_out, r)
+            mixed_in = torch.einsum("n,njr->jr", coefficients, layer.inputs)  # Σ_n v_n a_n / Σ √|v_n|  (d_in, r)
+            scale = -1.0 / layer.inputs.shape[0] ** 2
+            direction[layer.weight] = torch.addmm(g, mixed_out, mixed_in.T, beta=1 / damping, alpha=scale).view(
+                weight.shape)
+            if layer.bias is not None:  # the bias column of [a_n; 1] sums the coefficients
+                direction[layer.bias] = (mixed_out.sum(1) * (coefficients.sum() * scale)).add_(grads[layer.bias],
+                                                                                             alpha=1 / damping)
         return direction, layers
 
-    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate)
+    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate,
+                          step_from_statistics=step_from_statistics)
 
 
 __all__ = ["SketchedLayer", "asdl_seng", "damped_empirical_fisher", "seng", "smw_ng"]

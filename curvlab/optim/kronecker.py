@@ -18,7 +18,10 @@ default, at the true labels for ``empirical_fisher``, or the output Hessian's sq
 
 with π-damping ``π = √((tr A / d_in) / (tr B / d_out))``, ``λ_A = max(√λ π, 10⁻⁷)``,
 ``λ_B = max(√λ / π, 10⁻⁷)`` (``λ_A = λ_B = λ`` when ``π`` is 0, infinite or undefined) and Cholesky
-inverses. Between preconditioner updates the stale inverses are applied to the current gradient.
+inverses; a local ("expand", separate bias) factor of a batch with fewer rows ``n`` than features ``d``
+is kept as its rows ``X`` (``F = XᵀX``) and inverted by Woodbury through ``n × n`` (:class:`FactorInverse`):
+the same matrix at ``O(n d²)`` instead of ``O(d³)``. Between preconditioner updates the stale inverses
+are applied to the current gradient.
 """
 
 import math
@@ -33,7 +36,7 @@ from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Params, Preconditioner, Statistics, require_compat
 from curvlab.optim.optimizer import Method
-from curvlab.parallel import concat_over_ranks, spread
+from curvlab.parallel import concat_over_ranks, gather_counts, spread, sum_over_ranks
 
 #: ASDL's floor on the π-damped factor damping.
 DAMPING_FLOOR = 1e-7
@@ -84,7 +87,7 @@ class FactorInverse:
         if self.matrix is not None:
             return self.matrix @ M
         X = self.rows
-        return (M - X.T @ torch.cholesky_solve(X @ M, self.kernel)) / self.damping
+        return torch.addmm(M, X.T, torch.cholesky_solve(X @ M, self.kernel), alpha=-1).div_(self.damping)
 
 
 def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
@@ -296,15 +299,26 @@ def kfac_preconditioner(damping: float = 1e-3, ema_decay: float = -1, curvature:
     decay, curvature, compat = ema_decay_of(ema_decay), _curvature(curvature), require_compat(compat)
     mc_samples, kfac_approx = require_integer("mc_samples", mc_samples), _kfac_approx(kfac_approx)
 
+    # Local factors of a batch with fewer rows than features are kept as their rows (SKFAC's representation,
+    # KFAC's factor exactly) and inverted by Woodbury: O(n d²) instead of the square factor's O(n d²) + O(d³).
+    rows = decay == -1 and kfac_approx == "expand" and not joint_bias
+
     def statistics_of(statistics, layers):
+        if rows:
+            return swift_rows(statistics, layers, curvature, mc_samples, sum_conv_positions=False)
         return kfac_factors(statistics.problem, curvature, kfac_approx=kfac_approx, joint_bias=joint_bias,
                             mc_samples=mc_samples, seed=statistics.seed_for())
 
     def inverses_of(factors, layers):
         inverses = {}
         for label, (A, B) in factors.items():
-            lambda_A, lambda_B = pi_damping(_mean_eigenvalue(A), _mean_eigenvalue(B), damping)
-            inverses[label] = (None if A is None else cholesky_inverse(A, lambda_A), cholesky_inverse(B, lambda_B))
+            if rows:
+                lambda_A, lambda_B = pi_damping(_swift_mean_eigenvalue(A), _swift_mean_eigenvalue(B), damping)
+                inverses[label] = (None if A is None else _swift_inverse(A, lambda_A), _swift_inverse(B, lambda_B))
+            else:
+                lambda_A, lambda_B = pi_damping(_mean_eigenvalue(A), _mean_eigenvalue(B), damping)
+                inverses[label] = (None if A is None else cholesky_inverse(A, lambda_A),
+                                   cholesky_inverse(B, lambda_B))
         return inverses
 
     return _kronecker_preconditioner(statistics_of, inverses_of, decay=decay, debias=compat is None,
@@ -349,39 +363,71 @@ def kfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher_
                          momentum, weight_decay, curvature_update_interval, preconditioner_update_interval)
 
 
-def swift_rows(statistics: Statistics, layers: dict, curvature: str, mc_samples: int) -> dict:
+def swift_rows(statistics: Statistics, layers: dict, curvature: str, mc_samples: int,
+               sum_conv_positions: bool = True) -> dict:
     """SKFAC's factor representations: label -> ``(A, B)``, each ``("rows", X)`` with ``F = XᵀX`` or ``("square", F)``.
 
     A factor keeps its data matrix ``X`` ``(n, d)`` when it has fewer rows than columns: for a
     Linear ``X_A`` are the inputs ``a_nt / √(N T)`` and ``X_B`` the output gradients ``e_nkt · √w``
     (``w`` = ``R`` or ``R/S``), so that ``XᵀX`` is KFAC's factor; for a Conv2d the rows are summed
     over positions, ``X_A[n] = Σ_t a_nt / √N`` and ``X_B[n, k] = √w Σ_t e_nkt`` (SKFAC's dimension
-    reduction, as ASDL). Otherwise the factor is KFAC's square ``XᵀX`` from all ``(n, t)`` rows.
+    reduction, as ASDL), or with ``sum_conv_positions=False`` kept per position as for a Linear (KFAC's
+    factor exactly). Otherwise the factor is KFAC's square ``XᵀX`` from all ``(n, t)`` rows.
     """
     problem = statistics.problem
     taps = KroneckerLayers(problem)
     columns = output_columns(problem, curvature, mc_samples, statistics.seed_for())
     inputs_of = {label for label, layer in layers.items() if layer.weight is not None}
-    full = {label: ([], []) for label in layers}
-    summed = {label: ([], []) for label in layers}
+    factors = {label: (_RowsOrSquare(), _RowsOrSquare()) for label in layers}
     N = problem.num_examples
     for inputs, gradients in taps.statistics(inputs_of, columns):
         for label, a in inputs.items():
-            full[label][0].append(a.reshape(-1, a.shape[-1]) / math.sqrt(N * a.shape[1]))
-            summed[label][0].append(a.sum(1) / math.sqrt(N))
+            summed = a.sum(1) / math.sqrt(N) if layers[label].conv and sum_conv_positions else None
+            factors[label][0].add(a.reshape(-1, a.shape[-1]) / math.sqrt(N * a.shape[1]), summed)
         for e, weight in gradients:
             for label, g in e.items():
-                full[label][1].append(g.reshape(-1, g.shape[-1]) * math.sqrt(weight))
-                summed[label][1].append(g.sum(2).reshape(-1, g.shape[-1]) * math.sqrt(weight))
+                summing = layers[label].conv and sum_conv_positions
+                summed = g.sum(2).reshape(-1, g.shape[-1]) * math.sqrt(weight) if summing else None
+                factors[label][1].add(g.reshape(-1, g.shape[-1]) * math.sqrt(weight), summed)
+    return {label: (A.represent(problem.process_group), B.represent(problem.process_group))
+            for label, (A, B) in factors.items()}
 
-    def represent(label, side):
-        if not full[label][side]:
+
+class _RowsOrSquare:
+    """One factor of :func:`swift_rows`, fed a chunk of rows at a time.
+
+    Its representation rows (the rows themselves, or a Conv2d's position sums) are kept while they are
+    fewer than the ``d`` columns; from then on the chunks are folded into the square ``XᵀX`` at once,
+    so that a factor holds at most ``O(d²)`` whatever the batch.
+    """
+
+    def __init__(self):
+        self.full, self.rows, self.count, self.square = [], [], 0, None
+
+    def add(self, full: torch.Tensor, rows: torch.Tensor | None = None):
+        """Add rows ``full`` ``(m, d)`` whose representation rows are ``rows`` (``full`` itself when ``None``)."""
+        self.full.append(full)
+        if rows is not None:
+            self.rows.append(rows)
+        self.count += full.shape[0] if rows is None else rows.shape[0]
+        if self.count >= full.shape[1]:
+            self._fold()
+
+    def _fold(self):
+        if self.full:
+            X = torch.cat(self.full)
+            self.square = X.T @ X if self.square is None else self.square.addmm_(X.T, X)
+        self.full, self.rows = [], []
+
+    def represent(self, group):
+        """``("rows", X)`` when all ranks' representation rows are fewer than ``d``, else ``("square", XᵀX)``."""
+        if self.square is None and not self.full:
             return None
-        X = concat_over_ranks(torch.cat(full[label][side]), problem.process_group)
-        rows = concat_over_ranks(torch.cat(summed[label][side]), problem.process_group) if layers[label].conv else X
-        return ("rows", rows) if rows.shape[0] < rows.shape[1] else ("square", X.T @ X)
-
-    return {label: (represent(label, 0), represent(label, 1)) for label in layers}
+        d = (self.full or [self.square])[0].shape[-1]
+        if sum(gather_counts(self.count, group)) < d:
+            return "rows", concat_over_ranks(torch.cat(self.rows or self.full), group)
+        self._fold()
+        return "square", sum_over_ranks(self.square, group)
 
 
 def _swift_inverse(factor, damping):
@@ -478,21 +524,42 @@ def _eigenbases(factors: dict) -> dict:
             for label, (A, B) in factors.items()}
 
 
+#: Rows of ``Q_Bᵀ G Q_A`` divided by their damped eigenvalues at once in :func:`eigenbasis_direction`.
+_ROW_BLOCK = 256
+
+
 def eigenbasis_direction(grads: Params, layers: dict, bases: dict, eigenvalues: dict, damping: float) -> Params:
     """``Δ = (Q_B ⊗ Q_A) (S + λ)⁻¹ (Q_B ⊗ Q_A)ᵀ g`` per layer.
 
     ``ΔW = Q_B [(Q_Bᵀ G Q_A) / (S + λ)] Q_Aᵀ`` and ``Δb = Q_B [(Q_Bᵀ g_b) / (s + λ)]``; other parameters keep ``g``.
+    Thin bases (``Q`` ``(d, r)``, ``r < d``: ``S`` is 0 off their span) give
+    ``ΔW = G/λ − Q_B [(Q_Bᵀ G Q_A) ⊙ S / (λ (S + λ))] Q_Aᵀ``, ``O(d² r)``. Square bases use two
+    ``(d_out, d_in)`` temporaries a layer: the products alternate between them and the division runs in
+    blocks of rows, so that ``S + λ`` is never formed whole.
     """
     direction = dict(grads)
     for label, (Q_B, Q_A) in bases.items():
         layer = layers[label]
         if layer.weight is not None:
             G = grads[layer.weight].reshape(layer.shape)
-            rotated = Q_B.T @ G @ Q_A / (eigenvalues[label, "weight"] + damping)
-            direction[layer.weight] = (Q_B @ rotated @ Q_A.T).reshape(grads[layer.weight].shape)
+            S = eigenvalues[label, "weight"]
+            if Q_B.shape[1] < Q_B.shape[0] or Q_A.shape[1] < Q_A.shape[0]:
+                core = (Q_B.T @ G @ Q_A).mul_(S).div_(S.add(damping).mul_(-damping))
+                step = torch.addmm(G, Q_B @ core, Q_A.T, beta=1 / damping)
+            else:
+                step = Q_B.T @ G
+                rotated = step @ Q_A
+                for rows, scale in zip(rotated.split(_ROW_BLOCK), S.split(_ROW_BLOCK)):
+                    rows.div_(scale + damping)
+                torch.mm(Q_B, rotated, out=step)
+                step = torch.mm(step, Q_A.T, out=rotated)
+            direction[layer.weight] = step.reshape(grads[layer.weight].shape)
         if layer.bias is not None:
-            g = grads[layer.bias]
-            direction[layer.bias] = (Q_B @ ((Q_B.T @ g) / (eigenvalues[label, "bias"] + damping))).reshape(g.shape)
+            g, s = grads[layer.bias], eigenvalues[label, "bias"]
+            if Q_B.shape[1] < Q_B.shape[0]:
+                direction[layer.bias] = g / damping - Q_B @ ((Q_B.T @ g) * s / (damping * (s + damping)))
+            else:
+                direction[layer.bias] = (Q_B @ ((Q_B.T @ g) / (s + damping))).reshape(g.shape)
     return direction
 
 
@@ -506,7 +573,8 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
     gets ``Q_B`` and its own ``s``; plain damping ``λ`` is added to the eigenvalues. Local mode
     (``ema_decay=-1``): the basis and ``S`` of the latest curvature batch, i.e.
     :func:`curvlab.approx.kfac.ekfac` on it, in one pass (:func:`~curvlab.approx.kfac.ekfac_one_pass`:
-    the bases from SVDs of the layers' rows when a batch has fewer rows than features). Global mode (``β``): bias-corrected moving averages of
+    when a batch has fewer rows than features, thin bases from SVDs of the layers' rows, ``S`` being 0
+    off their span: :func:`eigenbasis_direction`). Global mode (``β``): bias-corrected moving averages of
     the factors (the basis is recomputed from them on preconditioner updates) and of ``S``, each
     batch's ``S`` measured in the current basis (as the paper's algorithm).
 
@@ -526,7 +594,7 @@ def ekfac(damping: float = 1e-3, ema_decay: float = -1, curvature: str = "fisher
         layers = state.layers or kronecker_layers(statistics)
         seed = statistics.seed_for()
         if decay == -1:
-            bases, S = ekfac_one_pass(statistics.problem, curvature, mc_samples=mc_samples, seed=seed)
+            bases, S = ekfac_one_pass(statistics.problem, curvature, mc_samples=mc_samples, seed=seed, thin=True)
             return replace(state, layers=layers, extra={"S": state.extra["S"].update(S), "bases": bases})
         batch = kfac_factors(statistics.problem, curvature, mc_samples=mc_samples, seed=seed)
         factors = state.factors.update(batch)

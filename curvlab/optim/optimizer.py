@@ -87,6 +87,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     inverses with one all-gather (KAISA's split). A ``DistributedDataParallel`` model is trained through its ``module``
     (its own gradient all-reduce would average shares of unequal sizes wrongly).
 
+    ``one_pass=True``, for a method whose curvature statistics determine the batch gradient
+    (``Preconditioner.step_from_statistics``: SMW-NG and SENG), takes each
+    curvature-update step from one pass of the model instead of two: the loss from a forward pass
+    without a graph, the direction from the statistics' forward and backward pass (in eval mode, as all
+    curvature), as ASDL takes both from its training pass. It needs a model that computes the same in
+    training and eval mode (no active dropout, no batch norm in training mode; checked on the first such
+    step, the random state and buffers left as they were), and on those steps the ``.grad`` tensors are
+    not set (``None`` after the step's ``zero_grad``).
+
     Attributes:
         last_direction: name -> tensor, ``Δ = P⁻¹ g`` of the last step (before learning rate,
             momentum and weight decay; ``None`` after a step that failed); a parameter the method leaves
@@ -104,16 +113,24 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, method: Method, loss="cross_entropy", lr: float = 0.1, *,
                  params=None, reduction: str = "mean", seed: int = 0, name: str | None = None,
-                 process_group=None, spread_inversions: bool = False):
+                 process_group=None, spread_inversions: bool = False, one_pass: bool = False):
         if process_group is not None:
             check_group(process_group)
+        if not isinstance(one_pass, bool):
+            raise InvalidProblem(f"one_pass must be True or False, got {one_pass!r}")
+        if one_pass and method.preconditioner.step_from_statistics is None:
+            raise InvalidProblem(f"{name or 'this method'} cannot take its step from the statistics' pass alone: "
+                                 f"one_pass=True is for methods whose statistics give the gradient (smw_ng, seng)")
+        if one_pass and process_group is not None:
+            raise InvalidProblem("one_pass=True is for one process; with a process group leave it False")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         if not isinstance(model, nn.Module):
             raise InvalidProblem(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(spread_inversions, bool):
             raise InvalidProblem(f"spread_inversions must be True or False, got {spread_inversions!r}")
-        self.process_group, self.spread_inversions = process_group, spread_inversions
+        self.process_group, self.spread_inversions, self.one_pass = process_group, spread_inversions, one_pass
+        self._modes_checked = False
         self.model, self.loss, self.reduction = model, loss, reduction
         self.likelihood = likelihood_of(loss, reduction)
         self.names = select_parameters(model, params)
@@ -136,14 +153,44 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     def batch_loss(self, batch) -> torch.Tensor:
         """``L`` of one batch ``(X, y)`` at the current ``θ``, differentiable, in the model's current mode."""
+        output, y = self._output(batch)
+        self._terms = self.likelihood.validate(output.detach(), y)
+        scale = 1.0 if self.reduction == "sum" else 1.0 / self._terms
+        return scale * self.likelihood.loss(output, y)
+
+    def _output(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's output on ``X`` and the target prepared for the loss, for ``batch = (X, y)``."""
         X, y = batch
         first = next(iter(self._parameters.values()))
         X = prepare_input(X, first.dtype, first.device)
         y = self.likelihood.prepare_target(y.to(first.device), first.dtype)
-        output = self.model(**X) if isinstance(X, Mapping) else self.model(X)
-        self._terms = self.likelihood.validate(output.detach(), y)
-        scale = 1.0 if self.reduction == "sum" else 1.0 / self._terms
-        return scale * self.likelihood.loss(output, y)
+        return (self.model(**X) if isinstance(X, Mapping) else self.model(X)), y
+
+    def _check_modes(self, batch) -> None:
+        """Refuse a model in training mode whose output on ``batch`` differs from its eval-mode output beyond rounding.
+
+        The random state and the buffers (batch-norm running statistics) are left as they were.
+        """
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        device = next(iter(self._parameters.values())).device
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                trained = self._output(batch)[0]
+                self.model.eval()
+                evaluated = self._output(batch)[0]
+        except Exception as err:
+            raise InvalidProblem(f"one_pass=True: the model fails on this batch in training or eval mode "
+                                 f"({type(err).__name__}: {err}); leave one_pass False") from err
+        finally:
+            self.model.train()
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        tolerance = math.sqrt(torch.finfo(evaluated.dtype).eps) * float(evaluated.abs().max())
+        if trained.shape != evaluated.shape or float((trained - evaluated).abs().max()) > tolerance:
+            raise InvalidProblem("one_pass=True needs a model that computes the same in training and eval mode, but this "
+                                 "one does not (dropout, batch norm): leave one_pass False, or put the model in eval "
+                                 "mode to train it so")
+        self._modes_checked = True
 
     def statistics_problem(self, batch, loss: float) -> Problem:
         """The batch as a :class:`curvlab.Problem` at the current ``θ`` (it puts the model in eval mode).
@@ -184,6 +231,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.last_direction = None  # not kept through the step: its memory is free for the step's own
         method = self.method
         clock = _PhaseClock(next(iter(self._parameters.values())).device if self.time_phases else None)
+        pre = method.preconditioner
+        accumulating = pre.accumulate is not None and self.steps % method.curvature_update_interval == 0
+        refreshing = pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0
+        one_pass = self.one_pass and accumulating and (refreshing or pre.refresh is None) and is_batch(batch)
         if callable(batch):
             if self.process_group is not None:
                 raise InvalidProblem("with a process group, call step((X, y)) with this rank's share of the batch: "
@@ -194,6 +245,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 )
             with torch.enable_grad():
                 loss = batch()
+        elif one_pass:
+            self.zero_grad()
+            if self.model.training and not self._modes_checked:
+                self._check_modes(batch)
+            with torch.no_grad():
+                loss = self.batch_loss(batch)
         elif is_batch(batch):
             self.zero_grad()
             with torch.enable_grad():
@@ -204,8 +261,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 f"step takes one batch (X, y) or a closure, got {type(batch).__name__}"
             )
         # After our own zero_grad the step owns the fresh .grad tensors; a closure's may be reused by its caller.
-        gradient = {name: torch.zeros_like(p) if p.grad is None else p.grad.detach()
-                    for name, p in self._parameters.items()}
+        gradient = None if one_pass else {name: torch.zeros_like(p) if p.grad is None else p.grad.detach()
+                                          for name, p in self._parameters.items()}
         if callable(batch):
             gradient = {name: g.clone() for name, g in gradient.items()}
         loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
@@ -218,9 +275,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         # from (released, where it was: a retry of the step rebuilds what was dropped).
         state = self.preconditioner_state
         self.preconditioner_state = None
-        pre = method.preconditioner
-        accumulating = pre.accumulate is not None and self.steps % method.curvature_update_interval == 0
-        refreshing = pre.refresh is not None and self.steps % method.preconditioner_update_interval == 0
         if accumulating and (refreshing or pre.refresh is None) and pre.release is not None:
             state = pre.release(state)
         before = state
@@ -232,14 +286,18 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 try:
                     statistics = Statistics(lambda: self.statistics_problem(batch, local_loss), gradient, loss,
                                             self.steps, self.seed, self.spread_inversions)
-                    state = pre.accumulate(state, statistics)
+                    if one_pass:
+                        direction, state = pre.step_from_statistics(state, statistics)
+                    else:
+                        state = pre.accumulate(state, statistics)
                 finally:
                     self.model.train(training)
             clock.lap("statistics")
-            if refreshing:
+            if refreshing and not one_pass:
                 state = pre.refresh(state)
             clock.lap("inversion")
-            direction, state = (pre.apply_owned or pre.apply)(gradient, state, values)
+            if not one_pass:
+                direction, state = (pre.apply_owned or pre.apply)(gradient, state, values)
         except BaseException:
             self.preconditioner_state = before
             raise
