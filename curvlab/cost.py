@@ -314,7 +314,8 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
         intervals: curvature (and preconditioner) update intervals ``k``.
         repeats, warmup: timed and untimed steps of each kind (``warmup ≥ 1``: the first step builds the
             preconditioner that plain steps reuse).
-        hyperparameters: per optimizer name, extra hyperparameters for :func:`curvlab.optim.make`.
+        hyperparameters: per optimizer name, extra hyperparameters for :func:`curvlab.optim.make`, its
+            ``one_pass`` included (SMW-NG's and SENG's step from one pass of the model).
         lr: learning rate of every optimizer (small: the weights barely move during the measurement).
         params: the parameters trained, as for :class:`curvlab.Problem` (default: all trainable ones); the
             others stay fixed for SGD too.
@@ -354,8 +355,8 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
     unknown = sorted(set(hyperparameters) - set(names))
     if unknown:
         raise InvalidProblem(f"hyperparameters given for {', '.join(unknown)}, which are not among the optimizers measured")
-    for name in names:
-        optim.method(name, **hyperparameters.get(name, {}))  # unknown names and hyperparameters fail here, before any timing
+    for name in names:  # unknown names, hyperparameters and options fail here, before any timing
+        optim.make(name, model, loss, lr, params=trained, **hyperparameters.get(name, {}))
 
     rows = []
     failed: dict[str, str] = {}

@@ -144,6 +144,27 @@ def test_an_unexpected_error_is_not_swallowed(monkeypatch):
         cost_study(model, data, optimizers=["kfac"], batch_sizes=(8,), intervals=(1,), repeats=1)
 
 
+def test_one_pass_reaches_the_measured_optimizers(monkeypatch):
+    model, data = mlp_and_data()
+    built, make = [], curvlab.optim.make
+
+    def recording(name, *args, **kwargs):
+        built.append(make(name, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(cost.optim, "make", recording)
+    table = cost_study(model, data, optimizers=["smw_ng", "seng"], batch_sizes=(8,), intervals=(1,), repeats=1,
+                       hyperparameters={name: {"one_pass": True} for name in ("smw_ng", "seng")}).table
+    assert set(table["status"]) == {"ok"} and built and all(opt.one_pass for opt in built)
+    updating = [opt for opt in built if opt.steps and opt.method.curvature_update_interval == 1]
+    assert updating and all(p.grad is None for opt in updating for p in opt.model.parameters())  # one-pass steps
+    dropout = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    table = cost_study(dropout, data, optimizers=["smw_ng"], batch_sizes=(8,), intervals=(1,), repeats=1,
+                       hyperparameters={"smw_ng": {"one_pass": True}}).table
+    status = table[table["optimizer"] == "smw_ng"]["status"]
+    assert status.str.startswith("not applicable: one_pass=True needs a model that computes the same").all()
+
+
 @pytest.mark.parametrize("arguments, fragment", [
     ({"optimizers": ["lbfgs"]}, "lbfgs"),
     ({"batch_sizes": (64,)}, "32 examples"),
@@ -151,6 +172,7 @@ def test_an_unexpected_error_is_not_swallowed(monkeypatch):
     ({"intervals": (0,)}, "interval"),
     ({"optimizers": ["kfac"], "hyperparameters": {"adam": {"eps": 1e-6}}}, "not among the optimizers"),
     ({"optimizers": ["kfac"], "hyperparameters": {"kfac": {"dumping": 1.0}}}, "dumping"),
+    ({"optimizers": ["kfac"], "hyperparameters": {"kfac": {"one_pass": True}}}, "one_pass"),
 ])
 def test_bad_arguments_are_refused_before_any_timing(arguments, fragment):
     model, data = mlp_and_data()
