@@ -55,7 +55,8 @@ def asdl_makers(batch: int) -> dict:
         "seng": (lambda model: asdl.SengGradientMaker(model, config),
                  {"compat": "asdl", "damping": DAMPING, "one_pass": True}),
         "smw_ng": (lambda model: asdl.SmwEmpNaturalGradientMaker(
-            model, asdl.SmwEmpNaturalGradientConfig(data_size=batch, damping=DAMPING)), {"damping": DAMPING, "one_pass": True}),
+            model, asdl.SmwEmpNaturalGradientConfig(data_size=batch, damping=DAMPING)),
+                   {"damping": DAMPING, "one_pass": True}),
         "kbfgs": (lambda model: asdl.KronBfgsGradientMaker(model, config), {"compat": "asdl"}),
     }
 

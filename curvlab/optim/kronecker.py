@@ -302,6 +302,7 @@ def kfac_preconditioner(damping: float = 1e-3, ema_decay: float = -1, curvature:
     # Local factors of a batch with fewer rows than features are kept as their rows (SKFAC's representation,
     # KFAC's factor exactly) and inverted by Woodbury: O(n d²) instead of the square factor's O(n d²) + O(d³).
     rows = decay == -1 and kfac_approx == "expand" and not joint_bias
+    mean_eigenvalue, inverse = (_swift_mean_eigenvalue, _swift_inverse) if rows else (_mean_eigenvalue, cholesky_inverse)
 
     def statistics_of(statistics, layers):
         if rows:
@@ -312,13 +313,8 @@ def kfac_preconditioner(damping: float = 1e-3, ema_decay: float = -1, curvature:
     def inverses_of(factors, layers):
         inverses = {}
         for label, (A, B) in factors.items():
-            if rows:
-                lambda_A, lambda_B = pi_damping(_swift_mean_eigenvalue(A), _swift_mean_eigenvalue(B), damping)
-                inverses[label] = (None if A is None else _swift_inverse(A, lambda_A), _swift_inverse(B, lambda_B))
-            else:
-                lambda_A, lambda_B = pi_damping(_mean_eigenvalue(A), _mean_eigenvalue(B), damping)
-                inverses[label] = (None if A is None else cholesky_inverse(A, lambda_A),
-                                   cholesky_inverse(B, lambda_B))
+            lambda_A, lambda_B = pi_damping(mean_eigenvalue(A), mean_eigenvalue(B), damping)
+            inverses[label] = (None if A is None else inverse(A, lambda_A), inverse(B, lambda_B))
         return inverses
 
     return _kronecker_preconditioner(statistics_of, inverses_of, decay=decay, debias=compat is None,
@@ -380,14 +376,14 @@ def swift_rows(statistics: Statistics, layers: dict, curvature: str, mc_samples:
     inputs_of = {label for label, layer in layers.items() if layer.weight is not None}
     factors = {label: (_RowsOrSquare(), _RowsOrSquare()) for label in layers}
     N = problem.num_examples
+    summing = {label: layer.conv and sum_conv_positions for label, layer in layers.items()}
     for inputs, gradients in taps.statistics(inputs_of, columns):
         for label, a in inputs.items():
-            summed = a.sum(1) / math.sqrt(N) if layers[label].conv and sum_conv_positions else None
+            summed = a.sum(1) / math.sqrt(N) if summing[label] else None
             factors[label][0].add(a.reshape(-1, a.shape[-1]) / math.sqrt(N * a.shape[1]), summed)
         for e, weight in gradients:
             for label, g in e.items():
-                summing = layers[label].conv and sum_conv_positions
-                summed = g.sum(2).reshape(-1, g.shape[-1]) * math.sqrt(weight) if summing else None
+                summed = g.sum(2).reshape(-1, g.shape[-1]) * math.sqrt(weight) if summing[label] else None
                 factors[label][1].add(g.reshape(-1, g.shape[-1]) * math.sqrt(weight), summed)
     return {label: (A.represent(problem.process_group), B.represent(problem.process_group))
             for label, (A, B) in factors.items()}
