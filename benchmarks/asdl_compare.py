@@ -2,12 +2,17 @@
 
 ASDL 0.1a5 (PyPI ``asdfghjkl``, import name ``asdl``) is the reference implementation of the seed study.
 For every method both implement, a training step on the seed study's MLP 784-2048-2048-10 (ReLU),
-cross-entropy, float32, is measured with :func:`curvlab.cost.measure` (median of ``--repeats`` steps after
-one warm-up step; peak memory from the model copy onwards), each measurement in a fresh Python process so
-that neither implementation inherits the other's allocator state: ASDL's gradient maker
+cross-entropy, float32, is measured with :func:`curvlab.cost.measure`, each measurement in a fresh Python
+process so that neither implementation inherits the other's allocator state: the time is the median of
+``--repeats`` steps after one warm-up step; the peak memory (from the model copy onwards, over one warm-up
+step and one step) is, on the CPU, taken in a process of its own whose glibc hands every allocation above
+64 KiB back to the system when it is freed (``MALLOC_MMAP_THRESHOLD_=65536``), so that the peak resident
+set is the peak of live tensors: with glibc's default, which keeps freed memory in its heap and moves its
+threshold as it goes, the same step's peak varied by 60 MiB between runs (CUDA counts live tensors
+itself). ASDL's gradient maker
 (``forward_and_backward``) followed by ``torch.optim.SGD`` with momentum 0.9, and
-``curvlab.optim.make(name, compat="asdl")`` (whose heavy-ball momentum 0.9 is the same rule; SENG and SMW-NG
-with ``one_pass=True``, taking gradient and statistics from one pass as ASDL's hooks do). Both update
+``curvlab.optim.make(name, compat="asdl")`` (whose heavy-ball momentum 0.9 is the same rule; SENG, SMW-NG and
+PSGD with ``one_pass=True``, taking gradient and statistics from one pass as ASDL does). Both update
 their curvature and preconditioner every step with damping 1e-3 (Shampoo: ASDL's relative ridge 1e-12;
 PSGD: its own defaults; K-FAC with the MC Fisher, EKFAC with the empirical Fisher, the only one ASDL's
 EKFAC supports). Each ASDL method is also checked to change the gradient it is given
@@ -22,6 +27,7 @@ Usage: ``pip install asdfghjkl==0.1a5; python benchmarks/asdl_compare.py [--repe
 
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +45,8 @@ except ImportError:
     sys.exit("benchmarks/asdl_compare.py needs ASDL: pip install asdfghjkl==0.1a5")
 
 DAMPING = 1e-3
+#: glibc's setting for the memory runs on the CPU (module docstring): freed tensors leave the resident set.
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def asdl_makers(batch: int) -> dict:
@@ -51,7 +59,7 @@ def asdl_makers(batch: int) -> dict:
                   {"curvature": "empirical_fisher", "damping": DAMPING}),
         "shampoo": (lambda model: asdl.ShampooGradientMaker(model, asdl.PreconditioningConfig(damping=1e-12)),
                     {"compat": "asdl"}),
-        "psgd_kron": (lambda model: asdl.KronPsgdGradientMaker(model, config), {"compat": "asdl"}),
+        "psgd_kron": (lambda model: asdl.KronPsgdGradientMaker(model, config), {"compat": "asdl", "one_pass": True}),
         "seng": (lambda model: asdl.SengGradientMaker(model, config),
                  {"compat": "asdl", "damping": DAMPING, "one_pass": True}),
         "smw_ng": (lambda model: asdl.SmwEmpNaturalGradientMaker(
@@ -110,16 +118,18 @@ def preconditions(model, maker, X, y) -> bool:
     return any(not torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), tested.parameters()))
 
 
-def measure_one(args, name: str, implementation: str) -> dict:
-    """One implementation of one method in this process: seconds, peak MiB (and phases or the gradient check)."""
+def measure_one(args, name: str, implementation: str, quantity: str) -> dict:
+    """One implementation of one method in this process: its time (with phases or the gradient check) or its peak MiB."""
     model, X, y, _ = seed_mlp(args)
     maker, options = asdl_makers(args.batch)[name]
     phases = []
     build = (asdl_builder(model, maker, X, y) if implementation == "asdl"
              else curvlab_builder(model, name, options, X, y, phases))
-    result = measure(build, args.device, args.repeats, 1)
-    record = {"seconds": result.seconds,
-              "peak_mib": result.peak_bytes / 2**20 if result.peak_bytes is not None else None}
+    result = measure(build, args.device, args.repeats if quantity == "time" else 1, 1)
+    record = {"peak_mib": result.peak_bytes / 2**20 if result.peak_bytes is not None else None}
+    if quantity == "memory":
+        return record
+    record = {"seconds": result.seconds} | (record if args.device.type == "cuda" else {})
     if implementation == "asdl":
         record["preconditions"] = preconditions(model, maker, X, y)
     else:
@@ -131,9 +141,9 @@ def measure_one(args, name: str, implementation: str) -> dict:
 def main() -> None:
     if "--one" in sys.argv:
         position = sys.argv.index("--one")
-        name, implementation = sys.argv[position + 1:position + 3]
-        del sys.argv[position:position + 3]
-        print(json.dumps(measure_one(arguments(__doc__, repeats=5), name, implementation)))
+        name, implementation, quantity = sys.argv[position + 1:position + 4]
+        del sys.argv[position:position + 4]
+        print(json.dumps(measure_one(arguments(__doc__, repeats=5), name, implementation, quantity)))
         return
     args = arguments(__doc__, repeats=5)
     forwarded = [f"--repeats={args.repeats}", f"--threads={args.threads}", f"--device={args.device}",
@@ -142,17 +152,22 @@ def main() -> None:
     for name, (_, options) in asdl_makers(args.batch).items():
         row = {"method": name, "curvlab_options": dict(options)}
         for implementation in ("asdl", "curvlab"):
-            run = subprocess.run([sys.executable, __file__, "--one", name, implementation, *forwarded],
-                                 capture_output=True, text=True)
-            if run.returncode == 0:
-                row.update({f"{implementation}_{key}": value
-                            for key, value in json.loads(run.stdout.splitlines()[-1]).items()})
-            else:  # a reference that fails on this model is recorded, not fatal
-                row[f"{implementation}_error"] = (run.stderr.strip().splitlines() or ["exit " + str(run.returncode)])[-1][:160]
+            for quantity, environment in [("time", {})] + [("memory", LIVE_MEMORY)] * (args.device.type == "cpu"):
+                run = subprocess.run([sys.executable, __file__, "--one", name, implementation, quantity, *forwarded],
+                                     capture_output=True, text=True, env=os.environ | environment)
+                if run.returncode == 0:
+                    row.update({f"{implementation}_{key}": value
+                                for key, value in json.loads(run.stdout.splitlines()[-1]).items()})
+                else:  # a reference that fails on this model is recorded, not fatal
+                    lines = run.stderr.strip().splitlines() or ["exit " + str(run.returncode)]
+                    row[f"{implementation}_error"] = lines[-1][:160]
+                    break
         rows.append(row)
     print_table(["method", "ASDL s/step", "curvlab s/step", "curvlab / ASDL", "ASDL peak MiB", "curvlab peak MiB",
                  "curvlab / ASDL"], [_cells(row) for row in rows])
-    write_record("asdl", args, repeats=args.repeats, rows=rows)
+    write_record("asdl", args, repeats=args.repeats, rows=rows,
+                 memory="peak of live tensors: " + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda"
+                                                   else "resident set with " + " ".join(f"{k}={v}" for k, v in LIVE_MEMORY.items())))
 
 
 def _cells(row: dict) -> list[str]:

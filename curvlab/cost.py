@@ -315,7 +315,7 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
         repeats, warmup: timed and untimed steps of each kind (``warmup ≥ 1``: the first step builds the
             preconditioner that plain steps reuse).
         hyperparameters: per optimizer name, extra hyperparameters for :func:`curvlab.optim.make`, its
-            ``one_pass`` included (SMW-NG's and SENG's step from one pass of the model).
+            ``one_pass`` included (SMW-NG's, SENG's and PSGD-Newton's step from one pass of the model).
         lr: learning rate of every optimizer (small: the weights barely move during the measurement).
         params: the parameters trained, as for :class:`curvlab.Problem` (default: all trainable ones); the
             others stay fixed for SGD too.

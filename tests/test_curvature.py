@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import curvlab
+from curvlab.operators.hessian import gradient_and_hessian_product
 import models
 import reference
 
@@ -624,3 +625,17 @@ def test_models_below_the_linearisation_size_keep_plain_products(device, monkeyp
     with op.reusing_passes():
         op @ random_vector((op.shape[0], 2), device)
     assert prob.num_params < output_space.LINEARISE_FROM and not recorded  # tracing would cost more than it saves
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case_name", ["mlp_ce", "cnn", "transformer", "tied"])
+def test_gradient_and_hessian_product_of_one_pass_match_the_references(case_name, reduction, device):
+    case = models.make_case(case_name, device)
+    problem = make_problem(case, reduction)  # unequal batches: the shares are summed
+    H = reference_matrix(case_name, "hessian", reduction, device)
+    g = reference.gradient(case.model, case.batches, case.loss, reduction)
+    v = random_vector(problem.num_params, device)
+    gradient, product = gradient_and_hessian_product(problem, problem.unflatten(v))
+    assert list(gradient) == list(product) == problem.param_names
+    assert_matches(problem.flatten(gradient), g)
+    assert_matches(problem.flatten(product), H @ v, scale=H.norm() * v.norm())

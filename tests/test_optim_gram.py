@@ -149,8 +149,8 @@ def test_one_pass_refuses_models_that_differ_between_training_and_eval_mode_and_
 
 def test_one_pass_is_refused_for_methods_that_need_the_gradient():
     model = nn.Linear(3, 2)
-    for name, hyper in [("kfac", {}), ("ekfac", {}), ("sgd", {})]:
-        with pytest.raises(InvalidProblem, match="one_pass=True is for methods whose statistics give the gradient"):
+    for name, hyper in [("kfac", {}), ("ekfac", {}), ("sgd", {}), ("psgd_kron", {"form": "whitening"})]:
+        with pytest.raises(InvalidProblem, match="one_pass=True is for methods whose statistics. pass gives the gradient"):
             curvlab.optim.make(name, model, one_pass=True, **hyper)
     with pytest.raises(InvalidProblem, match="one_pass must be True or False"):
         curvlab.optim.make("smw_ng", model, one_pass=1)

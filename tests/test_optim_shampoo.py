@@ -13,6 +13,7 @@ root by at most about that much times ``ε``: negligible at the ``ε`` used here
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -159,6 +160,27 @@ def test_shampoo_compat_asdl_accumulates_the_ridge_in_the_statistic_float64():
             assert _relative_error(opt.last_direction["2.weight"], expected) < NEWTON_RTOL
         trained[compat] = opt.last_direction["2.weight"]
     assert _relative_error(trained["asdl"], trained[None]) > 1e-2
+
+
+@pytest.mark.parametrize("hyper", [{"compat": "asdl"}, {"ema_decay": 0.3}, {"preconditioner_update_interval": 2}])
+def test_the_optimizer_updates_the_statistics_and_roots_in_place_and_steps_as_the_pure_apply(hyper):
+    """``apply_owned`` (the optimizer's) adds to the statistics in place and replaces each root as soon as its
+    successor exists; its steps equal the pure ``apply``'s to the bit."""
+    case = make_case("mlp_ce")
+    method = curvlab.optim.method("shampoo", damping=0.05, **hyper)
+    pure = dataclasses.replace(method, preconditioner=dataclasses.replace(method.preconditioner, apply_owned=None))
+    owned_opt, pure_opt = (curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), m, case.loss, lr=0.1)
+                           for m in (method, pure))
+    storage = {name: [f.data_ptr() for f in stats] for name, stats in owned_opt.preconditioner_state.statistics.items()}
+    for batch in case.batches * 2:
+        owned_opt.step(batch), pure_opt.step(batch)
+        for name, direction in pure_opt.last_direction.items():
+            torch.testing.assert_close(owned_opt.last_direction[name], direction, rtol=0, atol=0)
+        for name, stats in pure_opt.preconditioner_state.statistics.items():
+            for kept, expected in zip(owned_opt.preconditioner_state.statistics[name], stats):
+                torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    assert {name: [f.data_ptr() for f in stats]
+            for name, stats in owned_opt.preconditioner_state.statistics.items()} == storage
 
 
 def test_asdl_newton_growth_guard_can_stop_at_the_scaled_identity_float64():

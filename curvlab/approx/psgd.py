@@ -45,8 +45,9 @@ import numbers
 import torch
 from tqdm.auto import tqdm
 
-from curvlab.approx.base import Approximation, Homogeneous, KroneckerBlock, Layout, Reshape, mode_product
+from curvlab.approx.base import Approximation, Homogeneous, KroneckerBlock, Layout, Reshape
 from curvlab.approx.target import curvature_operator
+from curvlab.approx.triangular import triangular_matmul, upper_gram_difference, upper_triangular_product
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.operators.base import CurvatureOperator
 from curvlab.problem import Problem
@@ -158,34 +159,49 @@ def kron_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:
 
 
 def lie_group_step(factors: list[torch.Tensor], v: torch.Tensor, h: torch.Tensor, lr: float,
-                   asdl_b: bool = False) -> list[torch.Tensor]:
+                   asdl_b: bool = False, in_place: bool = False) -> list[torch.Tensor]:
     """One PSGD step of the upper-triangular ``Q_i`` ``(d_i, d_i)`` on one pair ``v``, ``h`` ``(d_1, …, d_m)``.
 
     The balance (two factors), ``A``, ``B``, ``∇_i`` and the normalised update of the module
-    docstring; returns the new factors. ``asdl_b`` takes ASDL's transposed ``B = V ×_i Q_i⁻¹``
-    instead of ``V ×_i Q_i⁻ᵀ`` (OPTIMIZERS.md §17; the balance leaves either unchanged).
+    docstring; returns the new factors (``in_place``: the given ones, updated). ``asdl_b`` takes ASDL's
+    transposed ``B = V ×_i Q_i⁻¹`` instead of ``V ×_i Q_i⁻ᵀ`` (OPTIMIZERS.md §17; the balance leaves either
+    unchanged). ``v``, ``h``, ``A``, ``B`` and each ``∇_i`` are dropped once used: with a caller that keeps no
+    reference to ``v`` and ``h``, the step holds about four tensors of their size at once, not six.
     """
     # The balance Q_1/ρ, Q_2 ρ leaves A, B and ∇_i unchanged and scales each new factor: it is applied last.
     scales = [1.0] * len(factors)
     if len(factors) == 2:
         rho = torch.sqrt(factors[0].diagonal().max() / factors[1].diagonal().max())
         scales = [1 / rho, rho]
-    A = mode_product(h[None], factors)[0]
-    B = v
-    for mode, q in enumerate(factors):  # B ×_i Q_i⁻ᵀ (or Q_i⁻¹) by a triangular solve: no inverse is formed
-        unfolded = B.movedim(mode, 0)
-        solved = torch.linalg.solve_triangular(q if asdl_b else q.T, unfolded.reshape(q.shape[0], -1),
-                                               upper=asdl_b)
-        B = solved.reshape(unfolded.shape).movedim(0, mode)
     tiny = torch.finfo(h.dtype).tiny
+    A = along_modes(h, factors, triangular_matmul)
+    del h
+    if asdl_b:
+        B = along_modes(v, factors, lambda q, x: torch.linalg.solve_triangular(q, x, upper=True))
+    else:  # by triangular solves: no inverse is formed
+        B = along_modes(v, factors, lambda q, x: torch.linalg.solve_triangular(q.T, x, upper=False))
+    del v
+    gradients = [upper_gram_difference(_unfold(A, mode), _unfold(B, mode)) for mode in range(len(factors))]
+    del A, B
     stepped = []
-    for mode, (q, scale) in enumerate(zip(factors, scales)):
-        a = A.movedim(mode, 0).reshape(q.shape[0], -1)
-        b = B.movedim(mode, 0).reshape(q.shape[0], -1)
-        gradient = (a @ a.T).addmm_(b, b.T, alpha=-1).triu_()
-        step = (gradient @ q).mul_(lr / (torch.linalg.vector_norm(gradient, math.inf) + tiny))
-        stepped.append(torch.sub(q, step, out=step).mul_(scale))
+    for q, scale in zip(factors, scales):
+        gradient = gradients.pop(0)
+        step = upper_triangular_product(gradient, q).mul_(lr / (torch.linalg.vector_norm(gradient, math.inf) + tiny))
+        stepped.append((q.sub_(step) if in_place else torch.sub(q, step, out=step)).mul_(scale))
     return stepped
+
+
+def along_modes(tensor: torch.Tensor, factors: list[torch.Tensor], product) -> torch.Tensor:
+    """``tensor`` ``(d_1, …, d_m)`` with ``product(F_i, X_(i))`` (``(d_i, ·) -> (d_i, ·)``) applied to each mode's unfolding in turn."""
+    for mode, factor in enumerate(factors):
+        moved = tensor.movedim(mode, 0)
+        tensor = product(factor, moved.reshape(moved.shape[0], -1)).reshape(moved.shape).movedim(0, mode)
+    return tensor
+
+
+def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode ``mode`` of ``tensor`` unfolded: ``(d_mode, numel / d_mode)`` (a view where the layout allows)."""
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
 
 
 def _block_tensor(parts: dict[str, torch.Tensor], names: list[str], layout: Layout, row: int) -> torch.Tensor:

@@ -7,9 +7,13 @@ the next products. (Reverse-over-forward, ``∇(∇Lᵀv)``, would skip the weig
 ``∇L``, but torch 2.13 differentiates layer norm's forward-mode rule wrongly: 10% error.)
 """
 
+from collections.abc import Mapping
+
+import torch
 from torch.func import grad, vjp
 
 from curvlab.operators.base import SummedOverData
+from curvlab.problem import Problem, differentiable_kernels
 
 
 class Hessian(SummedOverData):
@@ -28,3 +32,29 @@ class Hessian(SummedOverData):
         columns = (pullback({name: direction[k] for name, direction in directions.items()})[0]
                    for k in range(count))
         return problem.stack_columns(columns, count)
+
+
+def gradient_and_hessian_product(problem: Problem, direction: Mapping[str, torch.Tensor]
+                                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(∇L, H v)`` for ``v`` given as name -> tensor, from one pass per batch (summed over ranks).
+
+    The gradient is the value of the reverse-over-reverse product, which :class:`Hessian` discards: one
+    forward pass, one backward pass recording its graph and one pass back through it give both, as the
+    Hessian-vector products of training loops (PSGD's) do.
+    """
+    gradient, product = None, None
+    with torch.no_grad(), differentiable_kernels():
+        for _, X, y in problem.batches():
+            share, pullback = vjp(grad(lambda p: problem.batch_loss(p, X, y)), problem.params)
+            (share_product,) = pullback(dict(direction))
+            del pullback  # the recorded graph, before the next batch records its own
+            if gradient is None:
+                gradient, product = share, share_product
+            else:
+                for name in gradient:
+                    gradient[name].add_(share[name])
+                    product[name].add_(share_product[name])
+    for tensors in (gradient, product):
+        for tensor in tensors.values():
+            problem.reduce(tensor)
+    return gradient, product

@@ -82,7 +82,8 @@ def make(name: str, model: nn.Module, loss="cross_entropy", lr: float = 0.1, *, 
         reduction: ``"mean"`` or ``"sum"``.
         seed: fixes every random draw of the method (sampled labels, probes, sketches).
         process_group, spread_inversions: data-parallel training (:class:`PreconditionedOptimizer`).
-        one_pass: SMW-NG's and SENG's curvature-update steps from one pass of the model (:class:`PreconditionedOptimizer`).
+        one_pass: SMW-NG's, SENG's and PSGD-Newton's curvature-update steps from one pass of the model
+            (:class:`PreconditionedOptimizer`).
         **hyperparameters_: the method's own (:func:`hyperparameters`).
 
     Examples:

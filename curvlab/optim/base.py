@@ -16,9 +16,13 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
 - ``apply_owned(grads, state, params) -> (direction, state)`` (optional): ``apply`` for such an owner,
   which may update the state's tensors in place (momentum buffers and moments, as ``torch.optim``
   does) instead of building new ones;
-- ``step_from_statistics(state, statistics) -> (direction, state)`` (optional): ``accumulate``,
-  ``refresh`` and ``apply`` at once, for a method whose statistics determine the batch's own gradient
-  (the mean of the per-example gradients of SMW-NG's and SENG's Gram matrices): the step of an owner
+- ``accumulate_owned(state, statistics) -> state`` (optional): ``accumulate`` for such an owner, updating
+  the state's tensors in place (PSGD's factors), so that the old and the new state are never held at once;
+  each tensor it updates stays a valid part of the state, so a step that fails part-way leaves a usable one;
+- ``step_from_statistics(state, statistics) -> (direction, state)`` (optional): ``accumulate``
+  (owned, where there is ``accumulate_owned``), ``refresh`` and ``apply`` at once, for a method whose statistics' pass determines the batch's own gradient
+  (the mean of the per-example gradients of SMW-NG's and SENG's Gram matrices; the value of the
+  reverse-over-reverse Hessian-vector product that PSGD-Newton fits on): the step of an owner
   that has not computed the gradient (``statistics.gradient`` is ``None``: one pass of the model
   instead of one for the gradient and one for the statistics, as ASDL takes both from its training pass).
 
@@ -26,7 +30,7 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
 would use at this state with its moving averages of the gradient, clipping and other nonlinear
 parts left out: the preconditioner whose sharpness ``λ_max(P⁻¹ H)`` and agreement with the exact
 curvature :func:`curvlab.compare_steps` measures. Transformations never modify their inputs, except
-``apply_owned``, which may update the state it is given.
+``apply_owned``, ``accumulate_owned`` and ``step_from_statistics``, which may update the state they are given.
 """
 
 from collections.abc import Callable, Mapping
@@ -118,6 +122,7 @@ class Preconditioner:
     linear: Callable[[State], LinearMap] | None = None
     release: Callable[[State], State] | None = None
     apply_owned: Callable[[Params, State, Params], tuple[Params, State]] | None = None
+    accumulate_owned: Callable[[State, Statistics], State] | None = None
     step_from_statistics: Callable[[State, Statistics], tuple[Params, State]] | None = None
 
     @property
@@ -156,8 +161,9 @@ def chain(*parts: Preconditioner) -> Preconditioner:
             states.append(part_state)
         return grads, tuple(states)
 
-    def accumulate(state, statistics):
-        return tuple(part.accumulate(s, statistics) if part.accumulate else s for part, s in zip(parts, state))
+    def accumulate(state, statistics, owned=False):
+        return tuple((part.accumulate_owned if owned and part.accumulate_owned else part.accumulate)(s, statistics)
+                     if part.accumulate else s for part, s in zip(parts, state))
 
     def refresh(state):
         return tuple(part.refresh(s) if part.refresh else s for part, s in zip(parts, state))
@@ -181,6 +187,7 @@ def chain(*parts: Preconditioner) -> Preconditioner:
         refresh=refresh if any(part.refresh for part in parts) else None,
         release=release if any(part.release for part in parts) else None,
         apply_owned=partial(apply, owned=True) if any(part.apply_owned for part in parts) else None,
+        accumulate_owned=partial(accumulate, owned=True) if any(part.accumulate_owned for part in parts) else None,
         linear=linear if all(part.linear for part in parts) else None,
     )
 

@@ -87,8 +87,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     inverses with one all-gather (KAISA's split). A ``DistributedDataParallel`` model is trained through its ``module``
     (its own gradient all-reduce would average shares of unequal sizes wrongly).
 
-    ``one_pass=True``, for a method whose curvature statistics determine the batch gradient
-    (``Preconditioner.step_from_statistics``: SMW-NG and SENG), takes each
+    ``one_pass=True``, for a method whose curvature statistics' pass determines the batch gradient
+    (``Preconditioner.step_from_statistics``: SMW-NG, SENG and PSGD-Newton), takes each
     curvature-update step from one pass of the model instead of two: the loss from a forward pass
     without a graph, the direction from the statistics' forward and backward pass (in eval mode, as all
     curvature), as ASDL takes both from its training pass. It needs a model that computes the same in
@@ -120,7 +120,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             raise InvalidProblem(f"one_pass must be True or False, got {one_pass!r}")
         if one_pass and method.preconditioner.step_from_statistics is None:
             raise InvalidProblem(f"{name or 'this method'} cannot take its step from the statistics' pass alone: "
-                                 f"one_pass=True is for methods whose statistics give the gradient (smw_ng, seng)")
+                                 f"one_pass=True is for methods whose statistics' pass gives the gradient (smw_ng, seng, "
+                                 f"psgd_kron with form='newton')")
         if one_pass and process_group is not None:
             raise InvalidProblem("one_pass=True is for one process; with a process group leave it False")
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -272,7 +273,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         values = self._values()
         # The step holds the only reference to the state, so that what this step's statistics and refresh
         # rebuild can be freed first (Preconditioner.release). A step that fails leaves the state it started
-        # from (released, where it was: a retry of the step rebuilds what was dropped).
+        # from (released, where it was: a retry of the step rebuilds what was dropped), but for the tensors an
+        # owned accumulation (Preconditioner.accumulate_owned) has already updated in place.
         state = self.preconditioner_state
         self.preconditioner_state = None
         if accumulating and (refreshing or pre.refresh is None) and pre.release is not None:
@@ -289,7 +291,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                     if one_pass:
                         direction, state = pre.step_from_statistics(state, statistics)
                     else:
-                        state = pre.accumulate(state, statistics)
+                        state = (pre.accumulate_owned or pre.accumulate)(state, statistics)
                 finally:
                     self.model.train(training)
             clock.lap("statistics")

@@ -27,15 +27,16 @@ correct step while ``Q = I``, so only fits after the first differ.
 """
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import partial
 
 import torch
 from torch import nn
 
-from curvlab.approx.base import Layout, mode_product
-from curvlab.approx.psgd import kron_groups, lie_group_step
+from curvlab.approx.base import Layout
+from curvlab.approx.psgd import along_modes, kron_groups, lie_group_step
+from curvlab.approx.triangular import triangular_matmul
 from curvlab.errors import InvalidProblem, require_integer, require_number
-from curvlab.operators import curvature
+from curvlab.operators.hessian import gradient_and_hessian_product
 from curvlab.optim.adaptive import study_method
 from curvlab.optim.base import Preconditioner, require_compat
 from curvlab.optim.optimizer import Method
@@ -60,11 +61,6 @@ class KronFactors:
     factors: list[list[torch.Tensor]]
     fits: int = 0
 
-    @cached_property
-    def products(self) -> list[list[torch.Tensor]]:
-        """Per group, ``[Q_lᵀQ_l, Q_rᵀQ_r]``: formed once per fit, not at every step that applies them."""
-        return [[q.T @ q for q in qs] for qs in self.factors]
-
 
 def preconditioned_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:
     """The :func:`~curvlab.approx.psgd.kron_groups` of the studied Linear and Conv2d layers' parameters."""
@@ -79,6 +75,11 @@ def _matrix(parts: dict[str, torch.Tensor], names: list[str], layout: Layout) ->
     return layout.to_tensor(torch.cat([parts[name].reshape(1, -1) for name in names], dim=1))[0]
 
 
+def _gram_times(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``QᵀQ X`` as ``Qᵀ(Q X)`` for upper-triangular ``Q`` ``(d, d)``: two triangular products, no ``QᵀQ`` formed or kept."""
+    return triangular_matmul(q.T, triangular_matmul(q, x), upper=False)
+
+
 def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_scale: float = 1.0,
                         compat: str | None = None) -> Preconditioner:
     """PSGD-Kron's ``g ↦ P g`` (module docstring); ``accumulate`` takes one Lie-group step per call.
@@ -89,7 +90,8 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
     entries of ``(v, H v)`` (Newton) or ``(v, ḡ)`` (whitening).
     """
 
-    def accumulate(state, statistics):
+    def probe(state, statistics):
+        """The state (started at ``init_scale · I``) and ``v``, name -> tensor, zero outside the groups."""
         problem = statistics.problem
         if state is None:
             groups = preconditioned_groups(problem)
@@ -102,16 +104,28 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
         outside = [name for name in problem.param_names if name not in grouped]
         if outside:
             v[problem.entries(outside)] = 0
-        if form == "newton":
-            h = curvature(problem, "hessian") @ v
-        else:
-            h = problem.flatten(statistics.gradient)
-        v_parts, h_parts = problem.unflatten(v), problem.unflatten(h)
-        factors = []
-        for (_, names, layout), qs in zip(state.groups, state.factors):
-            factors.append(lie_group_step(qs, _matrix(v_parts, names, layout), _matrix(h_parts, names, layout),
-                                          precond_lr, asdl_b=compat == "asdl"))
+        return state, problem.unflatten(v)
+
+    def fit(state, v, h, owned):
+        factors = [lie_group_step(qs, _matrix(v, names, layout), _matrix(h, names, layout), precond_lr,
+                                  asdl_b=compat == "asdl", in_place=owned)
+                   for (_, names, layout), qs in zip(state.groups, state.factors)]
         return KronFactors(state.groups, factors, state.fits + 1)
+
+    def accumulate(state, statistics, owned=False):
+        state, v = probe(state, statistics)
+        if form == "newton":
+            h = gradient_and_hessian_product(statistics.problem, v)[1]
+        else:
+            h = statistics.gradient
+        return fit(state, v, h, owned)
+
+    def step_from_statistics(state, statistics):  # Newton: the gradient is the value of the Hessian product's pass
+        state, v = probe(state, statistics)
+        gradient, h = gradient_and_hessian_product(statistics.problem, v)
+        state = fit(state, v, h, owned=True)
+        del v, h  # before the application's temporaries
+        return precondition(state)(gradient), state
 
     def precondition(state):
         if state is None:
@@ -120,8 +134,8 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
 
         def apply_to(grads):
             direction = dict(grads)
-            for (_, names, layout), products in zip(state.groups, state.products):
-                rows = layout.to_rows(mode_product(_matrix(grads, names, layout)[None], products))
+            for (_, names, layout), factors in zip(state.groups, state.factors):
+                rows = layout.to_rows(along_modes(_matrix(grads, names, layout), factors, _gram_times)[None])
                 sizes = [grads[name].numel() for name in names]
                 for name, piece in zip(names, rows[0].split(sizes)):
                     direction[name] = piece.reshape(grads[name].shape)
@@ -132,11 +146,9 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
     def apply(grads, state, params):
         return precondition(state)(grads), state
 
-    def release(state):  # the products Q_iᵀQ_i of the old factors: the fit makes new factors
-        return state if state is None else KronFactors(state.groups, state.factors, state.fits)
-
     return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=precondition,
-                          release=release)
+                          accumulate_owned=partial(accumulate, owned=True),
+                          step_from_statistics=step_from_statistics if form == "newton" else None)
 
 
 def psgd_kron(form: str = "newton", precond_lr: float = 0.01, init_scale: float = 1.0,

@@ -17,7 +17,8 @@ works) and the update schedule is kept in the state.
   roots by ``eigh`` with an absolute ``ε`` (or coupled Newton), grafting, a ``β₁`` filtered gradient.
 """
 
-from functools import reduce
+from collections.abc import Iterator
+from functools import partial, reduce
 from itertools import product
 from typing import NamedTuple
 
@@ -38,8 +39,8 @@ GRAFTING_BETA2 = {"adagrad": 1.0, "rmsprop": 0.99, "adam": 0.999, "sgd": 1.0}
 # Matrix functions and Kronecker products shared by both variants
 
 
-def mode_products(gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``G⁽ⁱ⁾ G⁽ⁱ⁾ᵀ`` ``(d_i, d_i)`` for each mode ``i`` of ``gradient`` (contraction over every other axis).
+def mode_products(gradient: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``G⁽ⁱ⁾ G⁽ⁱ⁾ᵀ`` ``(d_i, d_i)`` for each mode ``i`` of ``gradient`` (contraction over every other axis), one at a time.
 
     Examples:
         >>> import torch
@@ -47,11 +48,9 @@ def mode_products(gradient: torch.Tensor) -> tuple[torch.Tensor, ...]:
         >>> [m.tolist() for m in mode_products(G)]
         [[[5.0, 2.0], [2.0, 1.0]], [[1.0, 2.0], [2.0, 5.0]]]
     """
-    products = []
     for mode in range(gradient.ndim):
         others = [axis for axis in range(gradient.ndim) if axis != mode]
-        products.append(torch.tensordot(gradient, gradient, dims=(others, others)))
-    return tuple(products)
+        yield torch.tensordot(gradient, gradient, dims=(others, others))
 
 
 def precondition_modes(tensor: torch.Tensor, matrices) -> torch.Tensor:
@@ -100,22 +99,30 @@ def coupled_newton_inverse_root(matrix: torch.Tensor, p: int, tolerance: float =
         >>> coupled_newton_inverse_root(A, 2).diagonal()
         tensor([0.5000, 0.2500], dtype=torch.float64)
     """
-    identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     z = (1 + p) / (2 * torch.linalg.matrix_norm(matrix))
-    root = identity * z ** (1.0 / p)
+    root = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device).mul_(z ** (1.0 / p))
     coupled = matrix * z
-    error = torch.max(torch.abs(coupled - identity))
+    error = _distance_to_identity(coupled)
     for _ in range(max_iterations):
         if error <= tolerance:
             break
-        step = (1 + 1.0 / p) * identity - coupled / p
+        step = coupled / -p
+        step.diagonal().add_(1 + 1.0 / p)
         candidate = root @ step
         coupled = torch.linalg.matrix_power(step, p) @ coupled
-        new_error = torch.max(torch.abs(coupled - identity))
+        del step  # before the error's temporary
+        new_error = _distance_to_identity(coupled)
         if (growth_guard and new_error > 1.2 * error) or (error < rounding_floor and new_error >= error):
             break
         root, error = candidate, new_error
     return root
+
+
+def _distance_to_identity(matrix: torch.Tensor) -> torch.Tensor:
+    """``max |M − I|`` (0-d tensor), through one temporary."""
+    difference = matrix.clone()
+    difference.diagonal().sub_(1)
+    return difference.abs_().max()
 
 
 def eigh_inverse_root(matrix: torch.Tensor, p: float, eps: float) -> torch.Tensor:
@@ -141,8 +148,8 @@ class ShampooState(NamedTuple):
     roots: dict[str, tuple[torch.Tensor, ...]]
 
 
-def asdl_inverse_root(statistic: torch.Tensor, p: int, damping: float,
-                      compat: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def asdl_inverse_root(statistic: torch.Tensor, p: int, damping: float, compat: str | None = None,
+                      in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """ASDL's ``ComputePower``: ``(F + ε λ_max(F) I)^{-1/p}``, and the statistic to keep.
 
     ``λ_max`` comes from :func:`power_iteration`. By default the root is exact up to rounding: it comes from
@@ -151,13 +158,15 @@ def asdl_inverse_root(statistic: torch.Tensor, p: int, damping: float,
     returns non-finite numbers), and the statistic is kept as it was. With ``compat="asdl"`` the root comes
     from ASDL's coupled Newton iteration in the statistic's dtype (in float32 until its error stops falling
     below 1e-3, where rounding limits it) with its 1.2× growth guard, the ridge is added to the stored
-    statistic (so it accumulates over refreshes, OPTIMIZERS.md §17.4), and a ``(1, 1)`` factor's root is 1.
+    statistic (so it accumulates over refreshes, OPTIMIZERS.md §17.4; ``in_place``: added to ``statistic``
+    itself, as ASDL does), and a ``(1, 1)`` factor's root is 1.
     """
     if compat == "asdl":
         if statistic.shape[0] == 1:
             return torch.ones_like(statistic), statistic
         ridge = damping * power_iteration(statistic)
-        ridged = statistic + ridge * torch.eye(statistic.shape[0], dtype=statistic.dtype, device=statistic.device)
+        ridged = statistic if in_place else statistic.clone()
+        ridged.diagonal().add_(ridge)
         floor = 1e-3 if statistic.dtype != torch.float64 else 0.0
         return coupled_newton_inverse_root(ridged, p, growth_guard=True, rounding_floor=floor), ridged
     wide = statistic.double()
@@ -175,6 +184,8 @@ def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_
     ``preconditioner_update_interval``, the inverse roots are recomputed (:func:`asdl_inverse_root`); then
     the current roots precondition ``G`` (identity before the first refresh). Tensors of order ``k ≥ 2``
     (and 1-D ones with ``precondition_1d``) are preconditioned; the others keep the raw gradient.
+    ``apply_owned`` (the optimizer's) updates the statistics in place and replaces the roots one at a time,
+    as ASDL does, so that old and new statistics and roots are never held together.
     """
 
     def preconditioned(value: torch.Tensor) -> bool:
@@ -187,27 +198,37 @@ def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_
                  for name, p in params.items() if preconditioned(p)}
         return ShampooState(0, statistics, roots)
 
-    def accumulate(statistics, grads):
+    def accumulate(statistics, grads, owned):
+        if owned:
+            for name, stats in statistics.items():
+                for f, g in zip(stats, mode_products(grads[name])):
+                    f.mul_(1 - ema_decay).add_(g.mul_(ema_decay)) if ema_decay > 0 else f.add_(g)
+            return statistics
         if ema_decay > 0:
             return {name: tuple((1 - ema_decay) * f + ema_decay * g for f, g in zip(stats, mode_products(grads[name])))
                     for name, stats in statistics.items()}
         return {name: tuple(f + g for f, g in zip(stats, mode_products(grads[name])))
                 for name, stats in statistics.items()}
 
-    def refresh(statistics):
-        roots, kept = {}, {}
+    def refresh(statistics, roots, owned):
+        """New roots (and kept statistics); ``owned``: each old root dropped as soon as its successor exists."""
+        roots, kept = (roots, statistics) if owned else ({}, {})
         for name, stats in statistics.items():
-            pairs = [asdl_inverse_root(f, 2 * len(stats), damping, compat) for f in stats]
+            pairs = []
+            for index, f in enumerate(stats):
+                pairs.append(asdl_inverse_root(f, 2 * len(stats), damping, compat, in_place=owned))
+                if owned:
+                    roots[name] = roots[name][:index] + (pairs[-1][0],) + roots[name][index + 1:]
             roots[name] = tuple(root for root, _ in pairs)
             kept[name] = tuple(stat for _, stat in pairs)
         return roots, kept
 
-    def apply(grads, state, params):
+    def apply(grads, state, params, owned=False):
         statistics, roots = state.statistics, state.roots
         if state.step % curvature_update_interval == 0:
-            statistics = accumulate(statistics, grads)
+            statistics = accumulate(statistics, grads, owned)
         if state.step % preconditioner_update_interval == 0:
-            roots, statistics = refresh(statistics)
+            roots, statistics = refresh(statistics, roots, owned)
         state = ShampooState(state.step + 1, statistics, roots)
         return linear(state)(grads), state
 
@@ -215,7 +236,7 @@ def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_
         return lambda v: {name: precondition_modes(g, state.roots[name]) if name in state.roots else g
                           for name, g in v.items()}
 
-    return Preconditioner(init=init, apply=apply, linear=linear)
+    return Preconditioner(init=init, apply=apply, linear=linear, apply_owned=partial(apply, owned=True))
 
 
 def shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_update_interval: int | None = None,
