@@ -184,6 +184,10 @@ def cost_options(prefix: str, batch_sizes: str) -> Callable:
                      help="Curvature update intervals of the cost sweep."),
         click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Timed steps per cost configuration (the median is reported)."),
+        click.option("--one-pass", is_flag=True,
+                     help="Measure the optimizers that can (SMW-NG, SENG, PSGD-Newton) with their curvature-update "
+                          "steps from one pass of the model, as ASDL takes them; a model that computes differently "
+                          "in training and eval mode is recorded as not applicable."),
     ]
 
     def decorate(command: Callable) -> Callable:
@@ -278,7 +282,8 @@ def compare(**options) -> None:
     cost = None
     if options.pop("cost"):
         cost = {"optimizers": options.pop("cost_optimizers"), "batch_sizes": options.pop("cost_batch_sizes"),
-                "intervals": options.pop("cost_intervals"), "repeats": options.pop("repeats")}
+                "intervals": options.pop("cost_intervals"), "repeats": options.pop("repeats"),
+                "one_pass": options.pop("one_pass")}
         cost = {key: value for key, value in cost.items() if value is not None}
     run_report(options, "", lambda study, progress: _compare(study, kinds, approximations, optimizers, {}, options,
                                                              progress, cost))
@@ -448,7 +453,8 @@ def bench(**options) -> None:
         result = run_bench(options["model_names"], scale=options["scale"], optimizers=options["optimizers"],
                            batch_sizes=options["batch_sizes"], intervals=options["intervals"],
                            repeats=options["repeats"], tasks=options["tasks"], convergence_options=convergence,
-                           device=options["device"], seed=options["seed"], progress=not options["quiet"])
+                           device=options["device"], seed=options["seed"], progress=not options["quiet"],
+                           one_pass=options["one_pass"])
         result.provenance["options"] = options_record(options)
         return result.to_html(out, force=options["force"], progress=not options["quiet"])
 

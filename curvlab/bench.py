@@ -85,7 +85,7 @@ class Bench:
 def bench(model_names: Iterable[str] | None = None, scale: str = "cpu", optimizers: Iterable[str] | None = None,
           batch_sizes: Iterable[int] | None = None, intervals: Iterable[int] = cost.DEFAULT_INTERVALS, repeats: int = 5,
           warmup: int = 1, tasks: Iterable[str] | None = None, convergence_options: Mapping | None = None,
-          device: str | torch.device = "cpu", seed: int = 0, progress: bool = False) -> Bench:
+          device: str | torch.device = "cpu", seed: int = 0, progress: bool = False, one_pass: bool = False) -> Bench:
     """The cost study on each built-in model and the convergence study on each task.
 
     Args:
@@ -94,7 +94,7 @@ def bench(model_names: Iterable[str] | None = None, scale: str = "cpu", optimize
         scale: ``"cpu"`` (reduced widths and budgets) or ``"full"`` (the study's).
         optimizers: of the cost study (default :data:`curvlab.cost.DEFAULT_OPTIMIZERS`).
         batch_sizes: of the cost study (default :data:`BATCH_SIZES` of the scale).
-        intervals, repeats, warmup: of the cost study.
+        intervals, repeats, warmup, one_pass: of the cost study.
         tasks: of :data:`curvlab.tasks.TASKS` for the convergence study (default :data:`DEFAULT_TASKS`;
             ``()``: none).
         convergence_options: further arguments of :func:`curvlab.convergence_study` (``optimizers``,
@@ -124,13 +124,16 @@ def bench(model_names: Iterable[str] | None = None, scale: str = "cpu", optimize
         y = torch.randint(about.classes, (count,), generator=generator)
         studies.append(cost.cost_study(model, (X, y), optimizers=names, batch_sizes=sizes, intervals=intervals,
                                        repeats=repeats, warmup=warmup, device=device, seed=seed, label=name,
-                                       progress=progress))
+                                       progress=progress, one_pass=one_pass))
         facts[f"cost: {name}"] = f"{about.describe(model, scale)}; random inputs {tuple(about.input_shape)}, {about.classes} classes"
     if studies:
         tables["cost"] = pd.concat([study.table for study in studies], ignore_index=True)
         shared = {key: value for key, value in studies[0].facts.items()
                   if key not in ("model", "parameters", "hyperparameters")}
         facts |= {f"cost {key}": value for key, value in shared.items()}
+        if one_pass:
+            facts["cost: one pass"] = ", ".join(name for name, values in studies[0].facts["hyperparameters"].items()
+                                                if values.get("one_pass")) or "none of the optimizers measured"
     runs, best = [], []
     for task in tasks:
         study = convergence.convergence_study(task=task, scale=scale, device=device, progress=progress,

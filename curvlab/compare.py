@@ -415,9 +415,11 @@ def _cost(prob: Problem, options: Mapping[str, object] | None, seed: int,
     arguments = {"seed": seed, "progress": progress} | dict(options)
     study = cost_study(prob.model, (X, y), loss=prob.loss, params=prob.param_names, **arguments)
     facts = study.facts
+    one_pass = [name for name, values in facts["hyperparameters"].items() if values.get("one_pass")]
     note = (f"cost: {facts['processor']} ({facts['threads']} threads), device {facts['device']}, torch "
             f"{facts['torch']}; median of {facts['repeats']} steps after {facts['warmup']} warm-up step(s); "
-            f"peak memory: {facts['peak memory']}")
+            f"peak memory: {facts['peak memory']}"
+            + (f"; curvature-update steps from one pass of the model: {', '.join(one_pass)}" if one_pass else ""))
     return study.table, [note]
 
 

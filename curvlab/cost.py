@@ -300,7 +300,7 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
                batch_sizes: Iterable[int] | None = None, intervals: Iterable[int] = DEFAULT_INTERVALS,
                repeats: int = 5, warmup: int = 1, hyperparameters: Mapping[str, Mapping] | None = None,
                lr: float = 1e-3, params=None, device: str | torch.device | None = None, seed: int = 0,
-               label: str = "model", progress: bool = False) -> CostStudy:
+               label: str = "model", progress: bool = False, one_pass: bool = False) -> CostStudy:
     """Seconds per step and peak memory of each optimizer against SGD, over batch sizes and update intervals.
 
     Args:
@@ -323,6 +323,9 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
         seed: seeds every optimizer's random draws.
         label: the model's name in the table.
         progress: show a progress bar over the configurations.
+        one_pass: measure every optimizer that can take its curvature-update steps from one pass of the
+            model (``one_pass=True`` of :func:`curvlab.optim.make`) so, unless its ``hyperparameters`` set
+            ``one_pass`` themselves.
 
     Returns:
         A :class:`CostStudy`; ``time_ratio = t_k / t_SGD`` and ``memory_ratio = peak / peak_SGD`` at the
@@ -357,6 +360,9 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
         raise InvalidProblem(f"hyperparameters given for {', '.join(unknown)}, which are not among the optimizers measured")
     for name in names:  # unknown names, hyperparameters and options fail here, before any timing
         optim.make(name, model, loss, lr, params=trained, **hyperparameters.get(name, {}))
+        settings = hyperparameters.get(name, {})
+        if one_pass and "one_pass" not in settings and optim.method(name, **settings).preconditioner.step_from_statistics:
+            hyperparameters[name] = settings | {"one_pass": True}
 
     rows = []
     failed: dict[str, str] = {}

@@ -48,13 +48,14 @@ def test_bench_report_is_self_contained_with_every_figure_and_table(small_bench,
 
 def test_bench_command_writes_the_cost_report(tmp_path):
     out = tmp_path / "bench"
-    result = invoke("bench", "--models", "mlp", "--optimizers", "sgd,adam", "--batch-sizes", "8", "--intervals",
-                    "1", "--repeats", "1", "--tasks", "none", "--out", out, "--quiet")
+    result = invoke("bench", "--models", "mlp", "--optimizers", "sgd,adam,seng", "--batch-sizes", "8", "--intervals",
+                    "1", "--repeats", "1", "--tasks", "none", "--one-pass", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out / 'index.html'}\n"
     results = json.loads((out / "results.json").read_text())
     assert set(results["tables"]) == {"cost"}
-    assert results["provenance"]["options"]["optimizers"] == ["sgd", "adam"]
+    assert results["provenance"]["options"]["optimizers"] == ["sgd", "adam", "seng"]
+    assert results["facts"]["cost: one pass"] == "seng"
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -81,14 +82,15 @@ def test_compare_with_cost_adds_the_cost_section_for_the_user_s_model(tmp_path):
     curvlab.save(tmp_path / "mlp.pt", model, data=(X, y))
     out = tmp_path / "report"
     result = invoke("compare", tmp_path / "mlp.pt", "--curvature", "ggn", "--approximations", "none", "--optimizers",
-                    "none", "--cost", "--cost-optimizers", "sgd,kfac", "--cost-batch-sizes", "8,16",
-                    "--cost-intervals", "1,10", "--repeats", "1", "--out", out, "--quiet")
+                    "none", "--cost", "--cost-optimizers", "sgd,kfac,psgd_kron", "--cost-batch-sizes", "8,16",
+                    "--cost-intervals", "1,10", "--repeats", "1", "--one-pass", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     columns = results["tables"]["cost"]["columns"]
     rows = [dict(zip(columns, row)) for row in results["tables"]["cost"]["rows"]]
     assert {(row["optimizer"], row["batch_size"], row["interval"]) for row in rows} == {
-        (name, size, k) for name in ("sgd (torch)", "sgd", "kfac") for size in (8, 16) for k in (1, 10)}
-    assert any(note.startswith("cost: ") for note in results["notes"])
+        (name, size, k) for name in ("sgd (torch)", "sgd", "kfac", "psgd_kron") for size in (8, 16) for k in (1, 10)}
+    assert any(note.startswith("cost: ") and note.endswith("one pass of the model: psgd_kron")
+               for note in results["notes"])
     html = (out / "index.html").read_text()
     assert 'id="cost"' in html and 'href="#cost"' in html

@@ -165,6 +165,22 @@ def test_one_pass_reaches_the_measured_optimizers(monkeypatch):
     assert status.str.startswith("not applicable: one_pass=True needs a model that computes the same").all()
 
 
+def test_one_pass_true_measures_every_optimizer_that_can_take_one_pass_so(monkeypatch):
+    model, data = mlp_and_data()
+    built, make = [], curvlab.optim.make
+
+    def recording(name, *args, **kwargs):
+        built.append((name, kwargs.get("one_pass", False)))
+        return make(name, *args, **kwargs)
+
+    monkeypatch.setattr(cost.optim, "make", recording)
+    study = cost_study(model, data, optimizers=["psgd_kron", "kfac", "seng"], batch_sizes=(8,), intervals=(1,),
+                       repeats=1, one_pass=True, hyperparameters={"seng": {"one_pass": False}})
+    assert set(study.table["status"]) == {"ok"}
+    assert {name: one for name, one in built[3:]} == {"psgd_kron": True, "kfac": False, "seng": False}
+    assert study.facts["hyperparameters"] == {"psgd_kron": {"one_pass": True}, "kfac": {}, "seng": {"one_pass": False}}
+
+
 @pytest.mark.parametrize("arguments, fragment", [
     ({"optimizers": ["lbfgs"]}, "lbfgs"),
     ({"batch_sizes": (64,)}, "32 examples"),

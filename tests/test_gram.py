@@ -7,6 +7,8 @@ agree to ~1e-15 relative; rtol 1e-10 (atol 1e-10·‖E‖_F) leaves room for rou
 √R, position or bias term is an O(1) error.
 """
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -110,8 +112,10 @@ def test_linear_hadamard_gram_equals_gram_of_explicit_per_example_gradients(case
     assert linear >= 2
 
 
-def test_sequence_positions_enter_the_gram_as_a_double_sum():
+@pytest.mark.parametrize("chunk", [2 ** 16, 24, 1])  # combine's scaled copies: all 5 examples, 2, then 1 at a time
+def test_sequence_positions_enter_the_gram_as_a_double_sum(chunk, monkeypatch):
     # Direct check of Σ_{t,s} (a_ntᵀ a_ms)(e_ntᵀ e_ms) + bias against explicit G_n = Σ_t e_nt a_ntᵀ.
+    monkeypatch.setattr(importlib.import_module("curvlab.approx.gram"), "COMBINE_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
     e = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)

@@ -1,6 +1,7 @@
 """SMW-NG and SENG take the damped empirical-Fisher natural gradient, whole or per layer; compat="asdl" SENG is ASDL's formula."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -128,6 +129,32 @@ def test_one_pass_seng_takes_the_two_pass_step_float64(case_name, hyper, rtol):
         for name in opts[0].last_direction:
             torch.testing.assert_close(opts[1].last_direction[name], opts[0].last_direction[name], rtol=rtol,
                                        atol=rtol / 100)
+
+
+@pytest.mark.parametrize("name, hyper, one_pass", [("smw_ng", {}, False), ("smw_ng", {}, True),
+                                                    ("seng", {"compat": "asdl"}, True)])
+def test_a_curvature_step_drops_the_old_gram_state_before_building_the_new_one(name, hyper, one_pass):
+    """``release`` gives ``None``: the whole state is rebuilt from the batch, so the old one is freed first."""
+    case = make_case("mlp_ce")
+    method = curvlab.optim.method(name, damping=1e-2, **hyper)
+    pre, seen = method.preconditioner, []
+
+    def spy(function):
+        def recorded(state, statistics):
+            seen.append(state)
+            return function(state, statistics)
+        return recorded
+
+    spied = dataclasses.replace(method, preconditioner=dataclasses.replace(
+        pre, accumulate=spy(pre.accumulate), step_from_statistics=spy(pre.step_from_statistics)))
+    opt, twin = (curvlab.optim.PreconditionedOptimizer(copy.deepcopy(case.model), m, case.loss, lr=0.05,
+                                                       one_pass=one_pass) for m in (spied, method))
+    for batch in case.batches * 2:
+        opt.step(batch), twin.step(batch)
+        for key, direction in twin.last_direction.items():
+            torch.testing.assert_close(opt.last_direction[key], direction, rtol=0, atol=0)
+    assert len(seen) == 2 * len(case.batches) and all(state is None for state in seen)
+    assert opt.preconditioner_state is not None
 
 
 def test_one_pass_refuses_models_that_differ_between_training_and_eval_mode_and_leaves_their_state():

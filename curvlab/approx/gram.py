@@ -52,6 +52,10 @@ from curvlab.errors import InvalidProblem, require_integer
 from curvlab.parallel import common_to_ranks, concat_over_ranks, max_over_ranks
 from curvlab.problem import Problem, differentiable_kernels
 
+#: Entries of the scaled copy of a Linear layer's output gradients that :meth:`LinearGradients.combine` makes at
+#: once (a chunk of the examples at a time: a quarter of a batch of 128 × 2048, with no loss of speed there).
+COMBINE_CHUNK = 2 ** 16
+
 CURVATURES = ("empirical_fisher",)
 SKETCH_METHODS = ("subsample", "gaussian")
 
@@ -132,12 +136,20 @@ class LinearGradients(ExampleGradients):
 
     def combine(self, coefficients, out):
         count, (N, T, d_out), inp = coefficients.shape[0], self.out_grads.shape, self.inputs.shape[2]
-        if self.weight:
-            weighted = (coefficients[:, :, None, None] * self.out_grads).reshape(count, N * T, d_out)
-            _product_into(out[:, :self._weight_size].unflatten(1, (d_out, inp)), weighted.transpose(1, 2),
-                          self.inputs.reshape(N * T, inp))
-        if self.bias:
-            _product_into(out[:, self._weight_size:], coefficients, self.out_grads.sum(1))
+        if self.weight:  # Σ_n c_kn Σ_t e_nt a_ntᵀ, a chunk of the examples at a time
+            weights = out[:, :self._weight_size].unflatten(1, (d_out, inp))
+            chunk = max(1, COMBINE_CHUNK // (count * T * d_out))
+            for start in range(0, N, chunk):
+                weighted = (coefficients[:, start:start + chunk, None, None]
+                            * self.out_grads[start:start + chunk]).reshape(count, -1, d_out).transpose(1, 2)
+                inputs = self.inputs[start:start + chunk].reshape(-1, inp)
+                if start == 0:
+                    _product_into(weights, weighted, inputs)
+                else:
+                    weights.baddbmm_(weighted, inputs.expand(count, -1, -1))
+        if self.bias:  # Σ_n c_kn Σ_t e_nt, without summing e over t for every example first
+            summed = (coefficients @ self.out_grads.reshape(N, T * d_out)).unflatten(1, (T, d_out)).sum(1)
+            out[:, self._weight_size:].copy_(summed)
         return out
 
     def gram(self):

@@ -19,12 +19,13 @@ A :class:`Preconditioner` turns the gradient ``g`` (a dict name -> tensor) into 
 - ``accumulate_owned(state, statistics) -> state`` (optional): ``accumulate`` for such an owner, updating
   the state's tensors in place (PSGD's factors), so that the old and the new state are never held at once;
   each tensor it updates stays a valid part of the state, so a step that fails part-way leaves a usable one;
-- ``step_from_statistics(state, statistics) -> (direction, state)`` (optional): ``accumulate``
-  (owned, where there is ``accumulate_owned``), ``refresh`` and ``apply`` at once, for a method whose statistics' pass determines the batch's own gradient
-  (the mean of the per-example gradients of SMW-NG's and SENG's Gram matrices; the value of the
-  reverse-over-reverse Hessian-vector product that PSGD-Newton fits on): the step of an owner
-  that has not computed the gradient (``statistics.gradient`` is ``None``: one pass of the model
-  instead of one for the gradient and one for the statistics, as ASDL takes both from its training pass).
+- ``step_from_statistics(state, statistics) -> (direction, state)`` (optional): ``accumulate`` (owned,
+  where there is ``accumulate_owned``), ``refresh`` and ``apply`` at once, for a method whose statistics'
+  pass determines the batch's own gradient (the mean of the per-example gradients of SMW-NG's and SENG's
+  Gram matrices; the value of the reverse-over-reverse Hessian-vector product PSGD-Newton fits on): the
+  step of an owner that has not computed the gradient (``statistics.gradient`` is ``None``: one pass of
+  the model instead of one for the gradient and one for the statistics, as ASDL takes both from its
+  training pass).
 
 ``linear(state)`` gives, where the method has one, the linear map ``v ↦ P⁻¹ v`` that ``apply``
 would use at this state with its moving averages of the gradient, clipping and other nonlinear

@@ -71,7 +71,7 @@ def damped_empirical_fisher(damping: float, per_layer: bool, sketching_size: int
         return lambda v: inverse @ v
 
     return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=linear,
-                          step_from_statistics=step_from_statistics)
+                          release=_rebuilt, step_from_statistics=step_from_statistics)
 
 
 def smw_ng(damping: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0) -> Method:
@@ -288,8 +288,13 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
                                                                                              alpha=1 / damping)
         return direction, layers
 
-    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate,
+    return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, release=_rebuilt,
                           step_from_statistics=step_from_statistics)
+
+
+def _rebuilt(state):
+    """``release``: nothing, since a step that accumulates builds the whole state again from its batch."""
+    return None
 
 
 __all__ = ["SketchedLayer", "asdl_seng", "damped_empirical_fisher", "seng", "smw_ng"]

@@ -274,7 +274,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         # The step holds the only reference to the state, so that what this step's statistics and refresh
         # rebuild can be freed first (Preconditioner.release). A step that fails leaves the state it started
         # from (released, where it was: a retry of the step rebuilds what was dropped), but for the tensors an
-        # owned accumulation (Preconditioner.accumulate_owned) has already updated in place.
+        # owned accumulation or application (accumulate_owned, apply_owned) has already updated in place.
         state = self.preconditioner_state
         self.preconditioner_state = None
         if accumulating and (refreshing or pre.refresh is None) and pre.release is not None:

@@ -84,6 +84,11 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
                         compat: str | None = None) -> Preconditioner:
     """PSGD-Kron's ``g ↦ P g`` (module docstring); ``accumulate`` takes one Lie-group step per call.
 
+    The optimizer's ``accumulate_owned`` updates the factors in place (the old and the new factors are
+    never held together); with ``form="newton"``, ``step_from_statistics`` (``one_pass=True``) takes the
+    gradient it preconditions from the Hessian product's own pass
+    (:func:`~curvlab.operators.hessian.gradient_and_hessian_product`).
+
     On the first call the groups of the batch's problem get factors ``init_scale · I``. Each call
     draws ``v`` as one standard normal ``(P,)`` vector from ``statistics.generator(0)`` in the
     parameters' dtype, zeroed outside the preconditioned groups, and fits every group on its
