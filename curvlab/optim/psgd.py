@@ -21,18 +21,24 @@ On each preconditioner-update step the factors take one Lie-group step
   gradient and an independent ``v ~ N(0, I)``; the fixed point is ``P = (E[ḡ ḡᵀ])^{-1/2}`` over the
   steps, a Kronecker-factored square root of the online empirical Fisher.
 
+The first gradient after a fit is preconditioned as ``Q_lᵀ(Q_l Ĝ Q_rᵀ)Q_r`` by triangular products
+(:mod:`curvlab.approx.triangular`), without forming ``Q_iᵀQ_i``: with a fit every step, as the study
+ran, that saves two products a group and their memory. The steps that reuse the factors (a fit every
+``k > 1`` steps) form ``Q_iᵀQ_i`` once and apply them by two dense products, the cheaper way then.
+
 There is no damping (ASDL's has none; lixilinx's ``1e-9`` noise is left out). ``compat="asdl"``
 reproduces ASDL HEAD's ``B = Q_l⁻¹ V Q_r⁻ᵀ`` (§17.3), with which ``‖B‖² ≠ vᵀP⁻¹v``; it equals the
 correct step while ``Q = I``, so only fits after the first differ.
 """
 
+import dataclasses
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import nn
 
-from curvlab.approx.base import Layout
+from curvlab.approx.base import Layout, mode_product
 from curvlab.approx.psgd import along_modes, kron_groups, lie_group_step
 from curvlab.approx.triangular import triangular_matmul
 from curvlab.errors import InvalidProblem, require_integer, require_number
@@ -55,11 +61,18 @@ class KronFactors:
             giving the ``(out, in + 1)`` matrix ``[W | b]`` (``(out, in)`` without a studied bias).
         factors: per group, ``[Q_l, Q_r]``; the group's preconditioner is ``Q_lᵀQ_l ⊗ Q_rᵀQ_r``.
         fits: the Lie-group steps taken.
+        applied: whether these factors have preconditioned a gradient since their fit.
     """
 
     groups: list[tuple[str, list[str], Layout]]
     factors: list[list[torch.Tensor]]
     fits: int = 0
+    applied: bool = False
+
+    @cached_property
+    def products(self) -> list[list[torch.Tensor]]:
+        """Per group, ``[Q_lᵀQ_l, Q_rᵀQ_r]``: formed once for the steps between fits (module docstring)."""
+        return [[q.T @ q for q in qs] for qs in self.factors]
 
 
 def preconditioned_groups(problem: Problem) -> list[tuple[str, list[str], Layout]]:
@@ -130,7 +143,7 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
         gradient, h = gradient_and_hessian_product(statistics.problem, v)
         state = fit(state, v, h, owned=True)
         del v, h  # before the application's temporaries
-        return precondition(state)(gradient), state
+        return apply(gradient, state, statistics.params)
 
     def precondition(state):
         if state is None:
@@ -139,8 +152,12 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
 
         def apply_to(grads):
             direction = dict(grads)
-            for (_, names, layout), factors in zip(state.groups, state.factors):
-                rows = layout.to_rows(along_modes(_matrix(grads, names, layout), factors, _gram_times)[None])
+            for index, (_, names, layout) in enumerate(state.groups):
+                matrix = _matrix(grads, names, layout)
+                if state.applied:
+                    rows = layout.to_rows(mode_product(matrix[None], state.products[index]))
+                else:
+                    rows = layout.to_rows(along_modes(matrix, state.factors[index], _gram_times)[None])
                 sizes = [grads[name].numel() for name in names]
                 for name, piece in zip(names, rows[0].split(sizes)):
                     direction[name] = piece.reshape(grads[name].shape)
@@ -149,10 +166,14 @@ def kron_preconditioner(form: str = "newton", precond_lr: float = 0.01, init_sca
         return apply_to
 
     def apply(grads, state, params):
-        return precondition(state)(grads), state
+        direction = precondition(state)(grads)
+        return direction, state if state.applied else dataclasses.replace(state, applied=True)
+
+    def release(state):  # the products Q_iᵀQ_i of the old factors, before the fit updates them
+        return state if state is None else KronFactors(state.groups, state.factors, state.fits)
 
     return Preconditioner(init=lambda params: None, apply=apply, accumulate=accumulate, linear=precondition,
-                          accumulate_owned=partial(accumulate, owned=True),
+                          accumulate_owned=partial(accumulate, owned=True), release=release,
                           step_from_statistics=step_from_statistics if form == "newton" else None)
 
 
