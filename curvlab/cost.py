@@ -360,8 +360,8 @@ def cost_study(model: nn.Module, data, loss="cross_entropy", optimizers: Iterabl
         raise InvalidProblem(f"hyperparameters given for {', '.join(unknown)}, which are not among the optimizers measured")
     for name in names:  # unknown names, hyperparameters and options fail here, before any timing
         settings = hyperparameters.get(name, {})
-        optim.make(name, model, loss, lr, params=trained, **settings)
-        if one_pass and "one_pass" not in settings and optim.method(name, **settings).preconditioner.step_from_statistics:
+        built = optim.make(name, model, loss, lr, params=trained, **settings)
+        if one_pass and "one_pass" not in settings and built.method.preconditioner.step_from_statistics:
             hyperparameters[name] = settings | {"one_pass": True}
 
     rows = []

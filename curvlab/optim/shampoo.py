@@ -202,7 +202,10 @@ def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_
         if owned:
             for name, stats in statistics.items():
                 for f, g in zip(stats, mode_products(grads[name])):
-                    f.mul_(1 - ema_decay).add_(g.mul_(ema_decay)) if ema_decay > 0 else f.add_(g)
+                    if ema_decay > 0:
+                        f.mul_(1 - ema_decay).add_(g.mul_(ema_decay))
+                    else:
+                        f.add_(g)
             return statistics
         if ema_decay > 0:
             return {name: tuple((1 - ema_decay) * f + ema_decay * g for f, g in zip(stats, mode_products(grads[name])))
@@ -211,17 +214,18 @@ def scale_by_shampoo(damping: float = 1e-12, ema_decay: float = -1.0, curvature_
                 for name, stats in statistics.items()}
 
     def refresh(statistics, roots, owned):
-        """New roots (and kept statistics); ``owned``: each old root dropped as soon as its successor exists."""
-        roots, kept = (roots, statistics) if owned else ({}, {})
+        """New roots and the statistics to keep; ``owned``: in the state's own dicts, each old root dropped as
+        soon as its successor exists."""
+        new_roots, kept = (roots, statistics) if owned else ({}, {})
         for name, stats in statistics.items():
-            pairs = []
+            fresh, ridged = list(roots[name]), []
             for index, f in enumerate(stats):
-                pairs.append(asdl_inverse_root(f, 2 * len(stats), damping, compat, in_place=owned))
+                fresh[index], stat = asdl_inverse_root(f, 2 * len(stats), damping, compat, in_place=owned)
+                ridged.append(stat)
                 if owned:
-                    roots[name] = roots[name][:index] + (pairs[-1][0],) + roots[name][index + 1:]
-            roots[name] = tuple(root for root, _ in pairs)
-            kept[name] = tuple(stat for _, stat in pairs)
-        return roots, kept
+                    new_roots[name] = tuple(fresh)
+            new_roots[name], kept[name] = tuple(fresh), tuple(ridged)
+        return new_roots, kept
 
     def apply(grads, state, params, owned=False):
         statistics, roots = state.statistics, state.roots
