@@ -7,6 +7,7 @@ DESIGN.md (1 for ``sum``; one over the number of terms torch averages over for `
 
 import contextlib
 import copy
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -141,7 +142,8 @@ def is_batch(item) -> bool:
             and isinstance(item[1], torch.Tensor))
 
 
-def _batch_size(X) -> int:
+def batch_size(X) -> int:
+    """The number of examples of the input ``X`` (a tensor or a dict of tensors): their common leading dimension."""
     sizes = {t.shape[0] if t.ndim else None for t in (X.values() if isinstance(X, Mapping) else [X])}
     if len(sizes) != 1 or None in sizes:
         raise InvalidProblem(
@@ -210,35 +212,40 @@ class Problem:
         self.batch_offset, self.batch_part = 0, None
         self._scan()
 
-    def with_batch(self, batch, terms: int, loss: float) -> "Problem":
+    def with_batch(self, batch, terms: int, loss: float | None) -> "Problem":
         """This problem on one other batch ``(X, y)`` at the model's current ``θ``, without the checking forward pass.
 
-        For a caller that has already run the model on ``batch`` and validated its targets (an
-        optimizer step): ``terms`` is the batch's number of loss terms (``likelihood.validate``) and
-        ``loss`` its loss, which :meth:`loss_value` returns. The model's determinism, checked when this
+        For a caller that has already validated the batch's targets (an optimizer step): ``terms`` is the
+        batch's number of loss terms (``likelihood.validate``) and ``loss`` its loss, which
+        :meth:`loss_value` returns, or ``None`` (one process only) where the caller has not run the model
+        on the batch: the first pass over it that computes the loss records it (:meth:`record_loss`), or
+        :meth:`loss_value` computes it. The model's determinism, checked when this
         problem was built, is not checked again. With a process group, ``batch`` is this rank's share of
         the step's one batch (``batch_part``: where its examples lie in the union, rank after rank), and
         the counts and the loss are those of the union.
         """
         if not is_batch(batch):
             raise InvalidProblem(f"with_batch takes one batch (X, y), got {type(batch).__name__}")
+        if loss is None and self.process_group is not None:
+            raise InvalidProblem("with a process group, with_batch needs the loss of the union of the ranks' shares")
         other = copy.copy(self)
         other.model = self.model.eval()
         other._all_params = {name: p.detach() for name, p in self.model.named_parameters()}
         other._data = [tuple(batch)]
         other.batch_offset, other.num_batches = 0, 1
-        examples = _batch_size(batch[0])
-        summed = loss if self.reduction == "sum" else loss * terms
+        examples = batch_size(batch[0])
+        other._loss_value = loss
         if self.process_group is not None:
+            summed = loss if self.reduction == "sum" else loss * terms
             shares = concat_over_ranks(torch.tensor([[examples, terms, summed]], dtype=torch.float64, device=self.device),
                                        self.process_group)
             offset = int(shares[:self.rank, 0].sum())
             examples, terms, summed = shares.sum(0).tolist()
             examples, terms = int(examples), int(terms)
             other.batch_part = (offset, examples)
+            other._loss_value = summed if self.reduction == "sum" else summed / terms
         other.num_examples, other.num_terms = examples, terms
         other.reduction_factor = 1.0 if self.reduction == "sum" else 1.0 / terms
-        other._loss_value = loss if self.process_group is None else other.reduction_factor * summed
         return other
 
     @property
@@ -322,7 +329,7 @@ class Problem:
 
     def _check_batch(self, index: int, X, y: torch.Tensor) -> tuple[int, int, float]:
         """Batch ``index``'s examples, loss terms and summed loss, after checking it fits the model and loss."""
-        size = _batch_size(X)
+        size = batch_size(X)
         if y.ndim == 0 or y.shape[0] != size:
             raise InvalidProblem(
                 f"batch {index}: {size} inputs but targets of shape {tuple(y.shape)}; give one target per example"
@@ -353,7 +360,29 @@ class Problem:
 
     def loss_value(self) -> float:
         """``L(θ)`` on all data."""
+        if self._loss_value is None:
+            with torch.no_grad(), differentiable_kernels():
+                self._loss_value = sum(float(self.batch_loss(self.params, X, y)) for _, X, y in self.batches())
         return self._loss_value
+
+    @property
+    def loss_known(self) -> bool:
+        """Whether :meth:`loss_value` has ``L(θ)`` without a pass over the data (see :meth:`with_batch`)."""
+        return self._loss_value is not None
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Keep ``L(θ)`` (0-d tensor, all of this process's data) from a pass that computed it, where it is not known yet.
+
+        For the passes that run the model on the data anyway (per-example gradients, layer statistics,
+        Hessian products) on a problem made by :meth:`with_batch` without a loss.
+        """
+        if self._loss_value is None:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise InvalidProblem(f"the loss is not finite ({value}); check the inputs for nan/inf and the model "
+                                     f"for overflow (an optimizer's parameters may have diverged: lower the learning "
+                                     f"rate or raise the damping)")
+            self._loss_value = value
 
     def gradient(self) -> torch.Tensor:
         """``∇L(θ)`` on all data, flattened: shape ``(P,)``."""

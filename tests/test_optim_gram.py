@@ -174,6 +174,63 @@ def test_one_pass_refuses_models_that_differ_between_training_and_eval_mode_and_
     curvlab.optim.make("seng", dropout.eval(), lr=0.1, one_pass=True).step(batch)  # eval mode: nothing to differ
 
 
+@pytest.mark.parametrize("name, hyper", [("smw_ng", {"damping": 1e-2}), ("seng", {"damping": 1e-2}),
+                                         ("seng", {"compat": "asdl", "damping": 1e-2}), ("psgd_kron", {})])
+def test_a_one_pass_step_runs_the_model_once_on_the_batch_and_returns_that_pass_loss_float64(name, hyper):
+    """Besides the statistics' pass only the check of the targets on one example (and the Gram capture's own
+    probe of two) runs the model (the layers' shapes come from a pass on the meta device, without arithmetic); the
+    loss returned is that pass's, at the parameters before the step."""
+    case = make_case("mlp_ce")  # batches of 3, 1 and 4
+    model = copy.deepcopy(case.model).train()
+    sizes = []
+    model.register_forward_hook(
+        lambda module, args, output: None if output.is_meta else sizes.append(output.shape[0]))
+    opt = curvlab.optim.make(name, model, case.loss, lr=0.05, one_pass=True, **hyper)
+    opt.step(case.batches[0])  # the first step builds the fully checked problem
+    batch = case.batches[2]
+    expected = float(reference.loss(model, [batch], case.loss, "mean").detach())
+    sizes.clear()
+    assert opt.step(batch) == pytest.approx(expected, rel=1e-12)
+    assert sizes.count(4) == 1 and sizes[0] == 1 and all(size <= 2 for size in sizes if size != 4), sizes
+
+
+def test_a_one_pass_step_checks_the_targets_and_the_loss():
+    case = make_case("mlp_ce")
+    model = copy.deepcopy(case.model).train()
+    opt = curvlab.optim.make("smw_ng", model, case.loss, lr=0.05, one_pass=True)
+    opt.step(case.batches[0])
+    X, y = case.batches[2]
+    with pytest.raises(InvalidProblem, match="class labels must lie in"):
+        opt.step((X, torch.full_like(y, 99)))
+    with pytest.raises(InvalidProblem, match="need targets of shape"):
+        opt.step((X, y[:-1]))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    with pytest.raises(InvalidProblem, match="loss is not finite"):
+        opt.step((X, y))
+
+
+def test_a_one_pass_step_runs_a_model_that_needs_the_whole_batch_on_it_first():
+    class Centred(nn.Module):  # subtracts the batch mean: one example alone gives zeros; a batch of one fails
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.shape[0] < 2:
+                raise ValueError("needs a batch")
+            out = self.linear(x)
+            return out - out.mean(0, keepdim=True).detach()
+
+    model = Centred().double()
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2]))
+    opt = curvlab.optim.make("psgd_kron", model, lr=0.05, one_pass=True)
+    for _ in range(2):
+        with torch.no_grad():
+            expected = float(F.cross_entropy(model(batch[0]), batch[1]))
+        assert opt.step(batch) == pytest.approx(expected, rel=1e-12)
+
+
 def test_one_pass_is_refused_for_methods_that_need_the_gradient():
     model = nn.Linear(3, 2)
     for name, hyper in [("kfac", {}), ("ekfac", {}), ("sgd", {}), ("psgd_kron", {"form": "whitening"})]:

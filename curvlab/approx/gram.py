@@ -382,6 +382,7 @@ def _capture(problem: Problem):
 
     pairs = {name: ([], []) for name in eligible}
     explicit = {name: [] for name in fallback}
+    total = 0.0
     with differentiable_kernels():
         for X, y, shapes in batches:
             size = y.shape[0]
@@ -389,6 +390,7 @@ def _capture(problem: Problem):
                 zeros = {name: [torch.zeros(shape, dtype=problem.dtype, device=problem.device)
                                 for shape in shapes[name]] for name in eligible}
                 loss, pullback, inputs = vjp(lambda z: summed_loss(z, X, y), zeros, has_aux=True)
+                total = total + loss.detach()
                 (out_grads,) = pullback(torch.ones_like(loss))
                 for name in eligible:
                     pairs[name][0].append(_positions(inputs[name], size))
@@ -398,6 +400,8 @@ def _capture(problem: Problem):
                 grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(subset, X, y)
                 for name in fallback:
                     explicit[name].append(root * grads[name].detach().flatten(1))
+    if eligible:
+        problem.record_loss(problem.reduction_factor * total)
     group = problem.process_group
     linear = {}
     for name in sorted(eligible):

@@ -186,7 +186,9 @@ class KroneckerLayers:
         Args:
             input_layers: the names in :attr:`modules` whose inputs are needed.
             cotangents: ``(batch index, outputs f, targets y) -> (U, weight)`` with ``U`` ``(K, *f.shape)``,
-                or ``None`` for inputs only (one forward pass without gradients).
+                or ``None`` for inputs only (one forward pass without gradients). With cotangents, a
+                problem whose loss is not known yet records it once every batch has been read
+                (:meth:`~curvlab.Problem.record_loss`).
 
         Yields:
             ``(inputs, gradients)`` per batch: ``inputs`` maps names to ``a`` ``(N, T, d_in)``;
@@ -196,6 +198,7 @@ class KroneckerLayers:
         problem, layers = self.problem, self.modules
         if not layers:
             return
+        total = None if problem.loss_known or cotangents is None else 0.0
         with _Taps(layers) as taps, differentiable_kernels():
             for index, X, y in problem.batches():
                 if cotangents is None:
@@ -217,7 +220,12 @@ class KroneckerLayers:
                     return output, _inputs(taps, layers, input_layers, index)
 
                 output, pullback, inputs = vjp(forward, zeros, has_aux=True)
-                yield inputs, _output_gradients(layers, pullback, *cotangents(index, output.detach(), y))
+                output = output.detach()
+                if total is not None:
+                    total = total + problem.likelihood.loss(output, y)
+                yield inputs, _output_gradients(layers, pullback, *cotangents(index, output, y))
+        if total is not None:
+            problem.record_loss(problem.reduction_factor * total)
 
 
 def _inputs(taps: _Taps, layers, input_layers, index: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from curvlab.operators.base import DIRECTIONS_PER_PASS
-from curvlab.problem import Problem, differentiable_kernels
+from curvlab.problem import Problem, batch_size, differentiable_kernels
 
 CHUNK_ENTRIES = 2 ** 24
 """The most per-example gradient entries (examples × M × parameters) the second route holds at once."""
@@ -49,13 +49,9 @@ def _linear_layers(problem: Problem) -> dict[str, tuple[nn.Linear, list[str]]]:
     return layers
 
 
-def _batch_size(X) -> int:
-    return next(iter(X.values())).shape[0] if isinstance(X, Mapping) else X.shape[0]
-
-
 def _probed_forward(problem: Problem, X, layers: dict):
     """``f(θ, X)`` with its pullback to zero probes on the layers' outputs, their inputs, and the layers that qualified."""
-    size = _batch_size(X)
+    size = batch_size(X)
     calls = Counter()
     probes = {name: torch.zeros(size, module.out_features, dtype=problem.dtype, device=problem.device)
               for name, (module, _) in layers.items()}
@@ -116,7 +112,7 @@ def _per_example_squares(problem: Problem, X, cotangents: torch.Tensor, names: l
         _, pullback = vjp(lambda p: problem.forward(p, batch_of_one)[0], params)
         return vmap(lambda c: pullback(c)[0])(u)
 
-    size, count = _batch_size(X), cotangents.shape[0]
+    size, count = batch_size(X), cotangents.shape[0]
     chunk = max(1, min(CHUNK_ENTRIES // (count * sum(p.numel() for p in params.values())),
                        DIRECTIONS_PER_PASS * size // count))
     squares = {name: torch.zeros_like(p) for name, p in params.items()}

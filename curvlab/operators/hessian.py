@@ -40,12 +40,20 @@ def gradient_and_hessian_product(problem: Problem, direction: Mapping[str, torch
 
     The gradient is the value of the reverse-over-reverse product, which :class:`Hessian` discards: one
     forward pass, one backward pass recording its graph and one pass back through it give both, as the
-    Hessian-vector products of training loops (PSGD's) do.
+    Hessian-vector products of training loops (PSGD's) do. A problem whose loss is not known yet records it
+    (:meth:`~curvlab.Problem.record_loss`).
     """
-    gradient, product = None, None
+    gradient, product, total = None, None, 0.0
+
+    def loss_and_value(params, X, y):
+        loss = problem.batch_loss(params, X, y)
+        return loss, loss.detach()
+
     with torch.no_grad(), differentiable_kernels():
         for _, X, y in problem.batches():
-            share, pullback = vjp(grad(lambda p: problem.batch_loss(p, X, y)), problem.params)
+            share, pullback, loss = vjp(grad(lambda p: loss_and_value(p, X, y), has_aux=True), problem.params,
+                                        has_aux=True)
+            total = total + loss
             (share_product,) = pullback(dict(direction))
             del pullback  # the recorded graph, before the next batch records its own
             if gradient is None:
@@ -57,4 +65,5 @@ def gradient_and_hessian_product(problem: Problem, direction: Mapping[str, torch
     for tensors in (gradient, product):
         for tensor in tensors.values():
             problem.reduce(tensor)
+    problem.record_loss(total)
     return gradient, product

@@ -242,7 +242,13 @@ def asdl_seng(damping: float, sketching_size: int | None, truncated_rank: int) -
             flat_a, flat_e = flat_a.double(), flat_e.double()  # in float32, rounding can make K/N + λI indefinite
             K = (flat_a @ flat_a.T) * (flat_e @ flat_e.T) / e.shape[2]
             eye = torch.eye(count, dtype=K.dtype, device=K.device)
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(K / count + damping * eye)).to(a.dtype)
+            factor, info = torch.linalg.cholesky_ex(K / count + damping * eye)
+            if int(info):
+                raise InvalidProblem(
+                    f"SENG: the damped Gram matrix of layer {label!r} is not positive definite even in float64 "
+                    f"(largest entry {float(K.abs().max() / count):.3g}): the parameters have diverged or the "
+                    f"damping is too small for them; lower the learning rate or raise the damping")
+            inverse = torch.cholesky_inverse(factor).to(a.dtype)
             layers[label] = SketchedLayer(weight, bias, a, e, sub_a, sub_e, in_indices, out_indices, inverse)
         return layers, grads
 

@@ -25,7 +25,7 @@ from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.operators.base import CurvatureOperator
 from curvlab.optim.base import Params, Preconditioner, Statistics, identity
 from curvlab.parallel import check_group, sum_over_ranks
-from curvlab.problem import Problem, is_batch, likelihood_of, prepare_input, select_parameters
+from curvlab.problem import Problem, batch_size, is_batch, likelihood_of, prepare_input, select_parameters
 
 MOMENTUM_STYLES = ("heavy_ball", "ema")
 #: The parts of a step that ``PreconditionedOptimizer.phase_seconds`` times.
@@ -89,9 +89,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
     ``one_pass=True``, for a method whose curvature statistics' pass determines the batch gradient
     (``Preconditioner.step_from_statistics``: SMW-NG, SENG and PSGD-Newton), takes each
-    curvature-update step from one pass of the model instead of two: the loss from a forward pass
-    without a graph, the direction from the statistics' forward and backward pass (in eval mode, as all
-    curvature), as ASDL takes both from its training pass. It needs a model that computes the same in
+    curvature-update step from one pass of the model instead of two: the direction and the loss from the
+    statistics' forward and backward pass (in eval mode, as all curvature), as ASDL takes both from its
+    training pass; the targets are checked before it against the model's output on the batch's first
+    example (a model whose output does not lead with the examples is run on the whole batch first). It needs a model that computes the same in
     training and eval mode (no active dropout, no batch norm in training mode; checked on the first such
     step, the random state and buffers left as they were), and on those steps the ``.grad`` tensors are
     not set (``None`` after the step's ``zero_grad``).
@@ -159,13 +160,34 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         scale = 1.0 if self.reduction == "sum" else 1.0 / self._terms
         return scale * self.likelihood.loss(output, y)
 
-    def _output(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's output on ``X`` and the target prepared for the loss, for ``batch = (X, y)``."""
+    def _output(self, batch, examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's output on ``X`` (its first ``examples`` only, if given) and the target prepared for the loss,
+        for ``batch = (X, y)``."""
         X, y = batch
         first = next(iter(self._parameters.values()))
         X = prepare_input(X, first.dtype, first.device)
+        if examples is not None:
+            X = {key: value[:examples] for key, value in X.items()} if isinstance(X, Mapping) else X[:examples]
         y = self.likelihood.prepare_target(y.to(first.device), first.dtype)
         return (self.model(**X) if isinstance(X, Mapping) else self.model(X)), y
+
+    def _probed_loss(self, batch) -> torch.Tensor | None:
+        """A one-pass step's check of the batch: the targets against the model's output on the first example, taken
+        as the batch's output shape (``None``: the statistics' pass gives the loss); a model whose output does not
+        lead with that one example, or fails on it, is run on the whole batch, and the batch loss returned."""
+        size = batch_size(batch[0])
+        training = self.model.training
+        self.model.eval()
+        try:
+            output, y = self._output(batch, examples=1)
+        except Exception:  # a model that needs the whole batch: checked on it below
+            output = None
+        finally:
+            self.model.train(training)
+        if output is None or output.ndim == 0 or output.shape[0] != 1:
+            return self.batch_loss(batch)
+        self._terms = self.likelihood.validate(output.expand(size, *output.shape[1:]), y)
+        return None
 
     def _check_modes(self, batch) -> None:
         """Refuse a model in training mode whose output on ``batch`` differs from its eval-mode output beyond rounding.
@@ -193,23 +215,29 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                                  "mode to train it so")
         self._modes_checked = True
 
-    def statistics_problem(self, batch, loss: float) -> Problem:
+    def statistics_problem(self, batch, loss: float | None) -> Problem:
         """The batch as a :class:`curvlab.Problem` at the current ``θ`` (it puts the model in eval mode).
 
         The first one is built with every check of :class:`~curvlab.Problem`; later ones reuse it on the
         new batch (:meth:`~curvlab.Problem.with_batch`) with the loss and term count of this step's own
         forward pass, which has validated the batch (with a process group always: the ranks' shares form
-        one batch). A non-finite ``loss`` means diverged parameters.
+        one batch), or, for a one-pass step, ``loss=None``: its statistics' pass records the loss. A
+        non-finite ``loss`` means diverged parameters.
         """
-        if not math.isfinite(loss):
-            raise InvalidProblem(f"the batch loss is {loss} (non-finite): the parameters diverged; lower the "
-                                 f"learning rate or raise the damping")
+        if loss is not None:
+            self._require_finite(loss)
         if self._problem is None:
             self._problem = Problem(self.model, batch, self.loss, params=self.names, reduction=self.reduction,
                                     process_group=self.process_group)
             if self.process_group is None:
                 return self._problem
         return self._problem.with_batch(batch, self._terms, loss)
+
+    @staticmethod
+    def _require_finite(loss: float) -> None:
+        if not math.isfinite(loss):
+            raise InvalidProblem(f"the batch loss is {loss} (non-finite): the parameters diverged; lower the "
+                                 f"learning rate or raise the damping")
 
     def _sum_over_ranks(self, gradient: Params, loss: float) -> float:
         """The union's loss, returned, and gradient, written into ``gradient``, from every rank's share (one all-reduce).
@@ -251,7 +279,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             if self.model.training and not self._modes_checked:
                 self._check_modes(batch)
             with torch.no_grad():
-                loss = self.batch_loss(batch)
+                loss = self._probed_loss(batch)
         elif is_batch(batch):
             self.zero_grad()
             with torch.enable_grad():
@@ -266,7 +294,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                                           for name, p in self._parameters.items()}
         if callable(batch):
             gradient = {name: g.clone() for name, g in gradient.items()}
-        loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if loss is not None:  # None: a one-pass step's loss comes from its statistics' pass
+            loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         local_loss = loss
         if self.process_group is not None:
             loss = self._sum_over_ranks(gradient, loss)
@@ -290,6 +319,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                                             self.steps, self.seed, self.spread_inversions)
                     if one_pass:
                         direction, state = pre.step_from_statistics(state, statistics)
+                        loss = statistics.problem.loss_value()
+                        self._require_finite(loss)
                     else:
                         state = (pre.accumulate_owned or pre.accumulate)(state, statistics)
                 finally:
