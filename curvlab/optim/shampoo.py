@@ -171,7 +171,11 @@ def asdl_inverse_root(statistic: torch.Tensor, p: int, damping: float, compat: s
     from ASDL's coupled Newton iteration in the statistic's dtype (in float32 until its error stops falling
     below 1e-3, where rounding limits it) with its 1.2× growth guard, the ridge is added to the stored
     statistic (so it accumulates over refreshes, OPTIMIZERS.md §17.4; ``in_place``: added to ``statistic``
-    itself, as ASDL does), and a ``(1, 1)`` factor's root is 1.
+    itself, as ASDL does), and a ``(1, 1)`` factor's root is 1. The iteration's products are formed from
+    their upper blocks, so they round differently from ASDL's dense ones: where the growth guard stops the
+    iteration before it converges (statistics of rank below their size with ASDL's ridge of 1e-12 ``λ_max``,
+    whose small eigenvalues need more iterations than rounding allows), the two may stop an iteration or two
+    apart, and their roots differ in those eigendirections by the factor ``(1 + 1/p)`` per iteration.
     """
     if compat == "asdl":
         if statistic.shape[0] == 1:
