@@ -295,6 +295,26 @@ def test_with_batch_is_the_problem_built_on_that_batch(case_name, device):
     assert built.num_examples == 3  # the original is untouched
 
 
+def test_with_batch_without_a_loss_takes_the_recorded_one_or_computes_it_float64():
+    case = models.make_case("mlp_ce")
+    X, y = case.data
+    first, second = (X[:3], y[:3]), (X[3:], y[3:])
+    built = curvlab.Problem(case.model, first, case.loss)
+    fresh = curvlab.Problem(case.model, second, case.loss)
+    terms = fresh.num_terms
+    computed = built.with_batch(second, terms, None)
+    assert not computed.loss_known
+    assert computed.loss_value() == pytest.approx(fresh.loss_value(), rel=1e-14) and computed.loss_known
+    recorded = built.with_batch(second, terms, None)
+    recorded.record_loss(torch.tensor(1.5, dtype=torch.float64))
+    recorded.record_loss(torch.tensor(2.5, dtype=torch.float64))  # known: kept as first recorded
+    assert recorded.loss_value() == 1.5
+    with pytest.raises(curvlab.InvalidProblem, match="loss is not finite"):
+        built.with_batch(second, terms, None).record_loss(torch.tensor(float("nan")))
+    gram = curvlab.approximate(built.with_batch(second, terms, None), "gram")  # the capture records its pass's loss
+    assert gram.problem.loss_known and gram.problem.loss_value() == pytest.approx(fresh.loss_value(), rel=1e-13)
+
+
 def test_optimizer_stops_with_a_clear_error_once_its_loss_is_non_finite():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     opt = curvlab.optim.make("kfac", model, lr=1.0, damping=1e-2)

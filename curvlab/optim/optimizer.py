@@ -92,10 +92,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     curvature-update step from one pass of the model instead of two: the direction and the loss from the
     statistics' forward and backward pass (in eval mode, as all curvature), as ASDL takes both from its
     training pass; the targets are checked before it against the model's output on the batch's first
-    example (a model whose output does not lead with the examples is run on the whole batch first). It needs a model that computes the same in
-    training and eval mode (no active dropout, no batch norm in training mode; checked on the first such
-    step, the random state and buffers left as they were), and on those steps the ``.grad`` tensors are
-    not set (``None`` after the step's ``zero_grad``).
+    example (a model that fails on one example, or whose output does not lead with it, is run on the whole
+    batch first). It needs a model that computes the same in training and eval mode (no active dropout, no
+    batch norm in training mode; checked on the first such step, the random state and buffers left as they
+    were), and on those steps the ``.grad`` tensors are not set (``None`` after the step's ``zero_grad``).
 
     Attributes:
         last_direction: name -> tensor, ``Δ = P⁻¹ g`` of the last step (before learning rate,
