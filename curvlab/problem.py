@@ -153,6 +153,11 @@ def batch_size(X) -> int:
     return sizes.pop()
 
 
+def example_slice(X, start: int, stop: int):
+    """Examples ``start:stop`` of the input ``X`` (a tensor or a dict of tensors)."""
+    return {key: value[start:stop] for key, value in X.items()} if isinstance(X, Mapping) else X[start:stop]
+
+
 class Problem:
     """A model, its data, its loss and the studied parameters θ (P numbers in all).
 

@@ -50,7 +50,7 @@ from curvlab.approx.base import Approximation, Block, eigen_power
 from curvlab.approx.kronecker_statistics import shared_parameters
 from curvlab.errors import InvalidProblem, require_integer
 from curvlab.parallel import common_to_ranks, concat_over_ranks, max_over_ranks
-from curvlab.problem import Problem, differentiable_kernels
+from curvlab.problem import Problem, differentiable_kernels, example_slice
 
 #: Entries of the scaled copy of a Linear layer's output gradients that :meth:`LinearGradients.combine` makes at
 #: once (a chunk of the examples at a time: a quarter of a batch of 128 × 2048, with no loss of speed there).
@@ -316,11 +316,6 @@ class _Recorder:
         return hook
 
 
-def _leading(X, count: int):
-    """The first ``count`` examples of the input ``X`` (a tensor or a dict of tensors)."""
-    return {key: value[:count] for key, value in X.items()} if isinstance(X, dict) else X[:count]
-
-
 def _batch_first(inputs: list, size: int) -> bool:
     return bool(inputs) and all(isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] == size for x in inputs)
 
@@ -357,7 +352,7 @@ def _capture(problem: Problem):
             # their outputs' shapes; the capture below checks those shapes on the whole batch.
             probe = min(2, y.shape[0])
             try:
-                recorder.run(lambda: problem.forward(params, _leading(X, probe)))
+                recorder.run(lambda: problem.forward(params, example_slice(X, 0, probe)))
             except Exception as err:
                 raise InvalidProblem(
                     f"the model fails on the first {probe} examples of a batch ({type(err).__name__}: {err}); "

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from curvlab.operators.base import DIRECTIONS_PER_PASS
-from curvlab.problem import Problem, batch_size, differentiable_kernels
+from curvlab.problem import Problem, batch_size, differentiable_kernels, example_slice
 
 CHUNK_ENTRIES = 2 ** 24
 """The most per-example gradient entries (examples × M × parameters) the second route holds at once."""
@@ -100,10 +100,6 @@ def _linear_squares(pullback, inputs, cotangents: torch.Tensor, layers: dict,
     return squares
 
 
-def _example(X, start: int, stop: int):
-    return {key: value[start:stop] for key, value in X.items()} if isinstance(X, Mapping) else X[start:stop]
-
-
 def _per_example_squares(problem: Problem, X, cotangents: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     params = {name: problem.params[name] for name in names}
 
@@ -119,7 +115,7 @@ def _per_example_squares(problem: Problem, X, cotangents: torch.Tensor, names: l
     per_example = cotangents.movedim(1, 0)
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
-        grads = vmap(one)(_example(X, start, stop), per_example[start:stop])
+        grads = vmap(one)(example_slice(X, start, stop), per_example[start:stop])
         for name in names:
             squares[name] += grads[name].square().sum((0, 1))
     return squares

@@ -25,7 +25,8 @@ from curvlab.errors import InvalidProblem, require_integer, require_number
 from curvlab.operators.base import CurvatureOperator
 from curvlab.optim.base import Params, Preconditioner, Statistics, identity
 from curvlab.parallel import check_group, sum_over_ranks
-from curvlab.problem import Problem, batch_size, is_batch, likelihood_of, prepare_input, select_parameters
+from curvlab.problem import (Problem, batch_size, example_slice, is_batch, likelihood_of, prepare_input,
+                             select_parameters)
 
 MOMENTUM_STYLES = ("heavy_ball", "ema")
 #: The parts of a step that ``PreconditionedOptimizer.phase_seconds`` times.
@@ -167,7 +168,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         first = next(iter(self._parameters.values()))
         X = prepare_input(X, first.dtype, first.device)
         if examples is not None:
-            X = {key: value[:examples] for key, value in X.items()} if isinstance(X, Mapping) else X[:examples]
+            X = example_slice(X, 0, examples)
         y = self.likelihood.prepare_target(y.to(first.device), first.dtype)
         return (self.model(**X) if isinstance(X, Mapping) else self.model(X)), y
 
