@@ -13,7 +13,7 @@ demo: venv
 test: venv
 	$(PYTHON) -m pytest -q tests curvlab
 
-BENCHMARKS := products spectra kfac diagonal gram memory asdl_compare data_parallel
+BENCHMARKS := products spectra kfac diagonal gram memory floors asdl_compare data_parallel
 
 # ASDL (PyPI asdfghjkl, pure Python) is the reference benchmarks/asdl_compare.py compares against; only benchmarks need it.
 bench: venv

@@ -88,11 +88,11 @@ def lanczos(op, k: int, which: str, tol: float, seed: int, max_products: int, dt
                 if j > start:  # the three-term recurrence: w ⟂ V[j − 1] up to β_{j−1}
                     local[j - 1] = H[j, j - 1]
                     w.sub_(V[j - 1], alpha=local[j - 1].item())
-                w, coefficients = _orthogonalise(w, V[:j + 1])
+                w, coefficients, beta = _orthogonalise(w, V[:j + 1])
                 H[:j + 1, j] = local + coefficients.double().cpu()
                 broke = False
                 if j + 1 < P:  # at j + 1 = P the basis spans the whole space: C V_Pᵀ = V_Pᵀ H exactly
-                    beta = float(torch.linalg.vector_norm(w))
+                    beta = float(beta)
                     broke = beta <= BREAKDOWN * eps * norm
                     if broke:  # an invariant subspace: continue with a fresh direction
                         V[j + 1] = _random_direction(generator, V[:j + 1], P, dtype, op.device)
@@ -146,8 +146,8 @@ def _ritz(H: torch.Tensor, stop: int, which: str, k: int):
     return theta, S, estimated, select(theta, which, min(k, stop))
 
 
-def _orthogonalise(w: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w − Vᵀ h`` orthogonal to the rows of ``V`` ``(j, P)`` and ``h``, in place.
+def _orthogonalise(w: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w − Vᵀ h, h, ‖w − Vᵀ h‖)`` with ``w − Vᵀ h`` orthogonal to the rows of ``V`` ``(j, P)``, written in place.
 
     Classical Gram–Schmidt, repeated once when the first pass cancelled more than ``1 − 1/√2`` of
     ``w``'s norm (the criterion of Daniel, Gragg, Kaufman & Stewart 1976), which keeps the basis
@@ -163,15 +163,15 @@ def _orthogonalise(w: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torc
         if after >= before / 2 ** 0.5:
             break
         before = after
-    return w, coefficients
+    return w, coefficients, after
 
 
 def _random_direction(generator: torch.Generator, V: torch.Tensor, P: int, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     """A unit ``(P,)`` direction, Gaussian from ``generator`` on the CPU, orthogonal to the rows of ``V``."""
     z = torch.randn(P, generator=generator, dtype=dtype).to(device)
-    z, _ = _orthogonalise(z, V)
-    return z / torch.linalg.vector_norm(z)
+    z, _, norm = _orthogonalise(z, V)
+    return z.div_(norm)
 
 
 def select(values: torch.Tensor, which: str, count: int) -> torch.Tensor:
