@@ -7,9 +7,10 @@ replaying those products on random operands laid out the same way, and nothing e
 implementation built on them can undercut. Tasks: the gradient (forward + ``loss.backward()``), one
 Hessian product (issue 2's target ≤ 3), one Hessian product replaying the recorded ``∇L`` as Lanczos
 does (issue 4: the top eigenvalue needs 17 of these on this spectrum, in half of PyHessian's 52
-gradients), and the KFAC factors with ``fisher_mc`` (issue 3's target ≤ 1.5). The tasks and the
-replays are called in turn, round after round; each figure is the median over rounds of a time over
-the gradient's in the same round. Prints a Markdown table and writes ``floors-<device>.json``.
+gradients), and the KFAC factors with ``fisher_mc`` (issue 3's target ≤ 1.5). Each task, its replay
+and the gradient are called in turn, round after round, apart from the other tasks (whose
+allocations would change what memory the next one finds); each figure is the median over rounds of
+a time over the gradient's in the same round. Prints a Markdown table and writes ``floors-<device>.json``.
 
 Usage: ``python benchmarks/floors.py [--repeats 11] [--threads 2] [--device cpu] [--batch 128]``
 """
@@ -58,7 +59,8 @@ def replay(calls: list):
         if not isinstance(a, tuple) or len(a) != 4 or not isinstance(a[2], torch.dtype):
             return a
         shape, stride, dtype, device = a
-        return torch.empty_strided(shape, stride, dtype=dtype, device=device).uniform_(-0.1, 0.1)
+        storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride)) if all(shape) else 0
+        return torch.empty(storage, dtype=dtype, device=device).uniform_(-0.1, 0.1).as_strided(shape, stride)
 
     ready = [(func, [operand(a) for a in args], {k: operand(a) for k, a in kwargs.items()})
              for func, args, kwargs in calls]
@@ -78,18 +80,21 @@ def main() -> None:
         reused = curvlab.curvature(prob, "hessian")
         reusing.enter_context(reused.reusing_passes())
         reused @ v
-        tasks = {"gradient": backward_gradient(model, X, y), "hessian product": lambda: H @ v,
+        gradient = backward_gradient(model, X, y)
+        tasks = {"gradient": gradient, "hessian product": lambda: H @ v,
                  "hessian product, recorded pass reused": lambda: reused @ v,
                  "kfac factors fisher_mc": lambda: kfac_factors(prob, "fisher_mc")}
-        for task in tasks.values():
+        rows, gradient_times = [], []
+        for name, task in tasks.items():
             task()
-        calls = {name: recorded_products(task) for name, task in tasks.items()}
-        fns = tasks | {f"{name} products": replay(recorded) for name, recorded in calls.items()}
-        times = interleaved(fns, args.repeats, args.device)
-    rows = [{"task": name, "in_gradients": median_ratio(times[name], times["gradient"]),
-             "products_in_gradients": median_ratio(times[f"{name} products"], times["gradient"]),
-             "matrix_products": len(calls[name]), "target": TARGETS.get(name, "—")} for name in tasks]
-    write_timings("floors", args, times["gradient"], rows)
+            calls = recorded_products(task)
+            times = interleaved({"gradient": gradient, "task": task, "products": replay(calls)}, args.repeats,
+                                args.device)
+            gradient_times += times["gradient"]
+            rows.append({"task": name, "in_gradients": median_ratio(times["task"], times["gradient"]),
+                         "products_in_gradients": median_ratio(times["products"], times["gradient"]),
+                         "matrix_products": len(calls), "target": TARGETS.get(name, "—")})
+    write_timings("floors", args, gradient_times, rows)
     print_table(["task", "time (gradients)", "its matrix products alone (gradients)", "matrix products", "target"],
                 ([row["task"], f"{row['in_gradients']:.2f}", f"{row['products_in_gradients']:.2f}",
                   str(row["matrix_products"]), row["target"]] for row in rows))

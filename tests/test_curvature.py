@@ -574,18 +574,88 @@ def test_reusing_passes_records_the_first_batch_once_and_changes_no_product(case
     monkeypatch.setattr(hessian, "vjp", lambda *args, **kwargs: recorded.append(1) or original(*args, **kwargs))
     with op.reusing_passes():
         products = [op @ v for v in V]
-    assert len(recorded) == 1 + (prob.num_batches - 1) * len(V)  # the first batch's pass is kept
+    assert len(recorded) == 1  # the first batch's pass is kept; the other batches' lone products record none
     for actual, wanted in zip(products, expected):
         assert_matches(actual, wanted)
     recorded.clear()
-    op @ V[0]
-    assert len(recorded) == prob.num_batches  # released after the block
+    op @ V[:2].T
+    assert len(recorded) == prob.num_batches  # released after the block: two directions record each batch's pass
     recorded.clear()
     with block.reusing_passes():  # a block reuses the passes of the operator it restricts
         products = [block @ V[0, :block.shape[0]] for _ in range(2)]
-    assert len(recorded) == 1 + (prob.num_batches - 1) * 2
+    assert len(recorded) == 1
     for actual in products:
         assert_matches(actual, expected_block)
+
+
+class _TwiceApplied(torch.nn.Module):
+    """A Linear applied twice (not tapped: it does not run once) before a tapped head."""
+
+    def __init__(self):
+        super().__init__()
+        self.square, self.head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.square(torch.tanh(self.square(x)))))
+
+
+class _ExtraOnEvenBatches(torch.nn.Module):
+    """A Linear that runs only on batches of an even size: on the others the lone product falls back."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.extra, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        if x.shape[0] % 2 == 0:
+            h = torch.tanh(self.extra(h))
+        return self.head(h)
+
+
+def _lone_product_case(name):
+    """``(model, batches)``: float64, two unequal batches."""
+    gen = torch.Generator().manual_seed(3)
+    nn = torch.nn
+    if name == "conv1d_circular":
+        model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular"), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(15, 2, bias=False))
+        x = torch.randn(7, 2, 5, generator=gen)
+    elif name == "conv3d_grouped":
+        model = nn.Sequential(nn.Conv3d(2, 4, 2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 2))
+        x = torch.randn(7, 2, 3, 3, 3, generator=gen)
+    else:
+        model = _TwiceApplied() if name == "applied_twice" else _ExtraOnEvenBatches()
+        x = torch.randn(7, 3, generator=gen)
+    y = torch.randint(0, 2, (7,), generator=gen)
+    return model.double().eval(), [(x[:4].double(), y[:4]), (x[4:].double(), y[4:])]
+
+
+# ∇L passes one lone product records, with every parameter studied and with all but the last: a layer
+# runs the lone path when it is tapped (a Linear or Conv run once, all its parameters studied), a batch
+# on which a tapped layer does not run once records its pass, and so does every batch when none is tapped.
+LONE_PRODUCT_PASSES = {"conv1d_circular": (0, 0), "conv3d_grouped": (0, 0), "applied_twice": (0, 2),
+                       "extra_on_even_batches": (1, 1)}
+
+
+@pytest.mark.parametrize("name", list(LONE_PRODUCT_PASSES))
+@pytest.mark.parametrize("studied", ["all", "all but the last"])
+def test_a_lone_hessian_product_matches_the_reference_for_every_layer_it_taps_or_not(name, studied, device,
+                                                                                     monkeypatch):
+    from curvlab.operators import hessian
+
+    model, batches = _lone_product_case(name)
+    model = model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    names = None if studied == "all" else [name for name, _ in model.named_parameters()][:-1]
+    prob = curvlab.Problem(model, batches, loss="cross_entropy", params=names)
+    dense = reference.hessian(model, batches, "cross_entropy", "mean", names)
+    recorded = []
+    original = hessian.vjp
+    monkeypatch.setattr(hessian, "vjp", lambda *args, **kwargs: recorded.append(1) or original(*args, **kwargs))
+    v = random_vector(prob.num_params, device)
+    assert_matches(curvlab.curvature(prob, "hessian") @ v, dense @ v, scale=dense.norm() * v.norm())
+    assert len(recorded) == LONE_PRODUCT_PASSES[name][studied != "all"]
 
 
 @pytest.mark.parametrize("traceable", [True, False])

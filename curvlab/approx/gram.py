@@ -47,8 +47,8 @@ from torch import nn
 from torch.func import grad, vjp, vmap
 
 from curvlab.approx.base import Approximation, Block, eigen_power
-from curvlab.approx.kronecker_statistics import shared_parameters
 from curvlab.errors import InvalidProblem, require_integer
+from curvlab.operators.taps import shared_parameters
 from curvlab.parallel import common_to_ranks, concat_over_ranks, max_over_ranks
 from curvlab.problem import Problem, differentiable_kernels, example_slice
 

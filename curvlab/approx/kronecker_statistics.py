@@ -18,14 +18,14 @@ taken with respect to the perturbations only, so no weight gradient is ever comp
 of the perturbations come from a pass on the ``meta`` device, which does no arithmetic.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
 
-from curvlab.errors import InvalidProblem
+from curvlab.operators.taps import Taps, TappedLayers
 from curvlab.problem import Problem, differentiable_kernels
 
 # Cotangents pulled back together: bounds the memory of the output gradients to this many copies.
@@ -37,74 +37,6 @@ def is_kronecker_layer(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-
-
-def shared_parameters(model: nn.Module) -> set[str]:
-    """Names (as ``named_parameters`` lists them) of the parameters that more than one module holds (weight tying)."""
-    holders: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(parameter), []).append(name)
-    return {names[0] for names in holders.values() if len(names) > 1}
-
-
-def _to_meta(value):
-    if isinstance(value, Mapping):
-        return {key: _to_meta(item) for key, item in value.items()}
-    return torch.empty_like(value, device="meta")
-
-
-class _Taps:
-    """Forward hooks on the tapped layers; record inputs, output shapes and calls, and add perturbations."""
-
-    def __init__(self, layers: Mapping[str, nn.Module]):
-        self.layers = layers
-        self.perturbations: Mapping[str, torch.Tensor] = {}
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
-        self.calls: dict[str, int] = {}
-        self._handles = []
-
-    def __enter__(self):
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def reset(self, perturbations: Mapping[str, torch.Tensor]) -> None:
-        self.perturbations = perturbations
-        self.inputs, self.shapes, self.calls = {}, {}, {}
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if not args or not isinstance(output, torch.Tensor):
-                return output
-            self.inputs[name] = args[0]
-            self.shapes[name] = (args[0].shape, output.shape)
-            return output + self.perturbations[name] if name in self.perturbations else output
-        return hook
-
-
-def _layer_shapes(problem: Problem, taps: _Taps, X) -> tuple[dict, dict]:
-    """Input/output shapes and call counts of the tapped layers on batch ``X``, without arithmetic.
-
-    The forward pass runs on the ``meta`` device; a model it cannot run there (an operator without a
-    meta kernel, or control flow on values) is run for real once, without gradients.
-    """
-    values = {name: _to_meta(tensor) for name, tensor in problem.model.named_parameters()}
-    values.update({name: _to_meta(tensor) for name, tensor in problem.model.named_buffers()})
-    taps.reset({})
-    try:
-        problem.forward(values, _to_meta(X))
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        taps.reset({})
-        with torch.no_grad():
-            problem.forward(problem.params, X)
-    return dict(taps.shapes), dict(taps.calls)
 
 
 def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -139,45 +71,23 @@ def layer_output_gradient(module: nn.Module, e: torch.Tensor) -> torch.Tensor:
 Cotangents = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]]
 
 
-def _shape_key(X) -> tuple:
-    if isinstance(X, Mapping):
-        return tuple((key, tuple(value.shape)) for key, value in sorted(X.items()))
-    return tuple(X.shape)
-
-
-class KroneckerLayers:
+class KroneckerLayers(TappedLayers):
     """The modules of a problem whose studied parameters get Kronecker-factored blocks, and their statistics.
 
-    A module qualifies when it passes :func:`is_kronecker_layer`, holds no parameter that another
-    module also holds (weight tying), and is called exactly once per forward pass (checked on the
-    first batch), with the batch dimension leading its input and output (4-d for a Conv2d).
+    A module qualifies when it passes :func:`is_kronecker_layer` and is tapped as
+    :class:`~curvlab.operators.taps.TappedLayers` says (not tied, called exactly once per forward
+    pass), with the batch dimension leading its input and output (4-d for a Conv2d).
 
     Attributes:
         modules: module name -> module, in ``problem.module_blocks()`` order.
     """
 
     def __init__(self, problem: Problem):
-        self.problem = problem
-        named = dict(problem.model.named_modules())
-        shared = shared_parameters(problem.model)
-        candidates = {name: named[name] for name, names in problem.module_blocks()
-                      if is_kronecker_layer(named[name]) and not shared.intersection(names)}
-        self.modules: dict[str, nn.Module] = {}
-        self._output_shapes: dict[tuple, dict[str, torch.Size]] = {}
-        if not candidates:
-            return
-        _, X, _ = next(iter(problem.batches()))
-        size = (next(iter(X.values())) if isinstance(X, Mapping) else X).shape[0]
-        with _Taps(candidates) as taps, differentiable_kernels():
-            shapes, calls = _layer_shapes(problem, taps, X)
-        for name, module in candidates.items():
-            if calls.get(name) != 1 or name not in shapes:
-                continue
-            input_shape, output_shape = shapes[name]
-            if input_shape[0] == size and output_shape[0] == size and len(output_shape) >= 2 and (
-                    not isinstance(module, nn.Conv2d) or len(output_shape) == 4):
-                self.modules[name] = module
-        self._output_shapes[_shape_key(X)] = {name: shapes[name][1] for name in self.modules}
+        super().__init__(problem, lambda module, names: is_kronecker_layer(module))
+
+    def fits(self, module, input_shape, output_shape, size):
+        return input_shape[0] == size and output_shape[0] == size and len(output_shape) >= 2 and (
+            not isinstance(module, nn.Conv2d) or len(output_shape) == 4)
 
     def statistics(self, input_layers: set[str], cotangents: Cotangents | None
                    ) -> Iterator[tuple[dict, Iterator[tuple[dict, float]]]]:
@@ -199,7 +109,7 @@ class KroneckerLayers:
         if not layers:
             return
         total = None if problem.loss_known or cotangents is None else 0.0
-        with _Taps(layers) as taps, differentiable_kernels():
+        with Taps(layers) as taps, differentiable_kernels():
             for index, X, y in problem.batches():
                 if cotangents is None:
                     taps.reset({})
@@ -207,12 +117,7 @@ class KroneckerLayers:
                         problem.forward(problem.params, X)
                     yield _inputs(taps, layers, input_layers, index), iter(())
                     continue
-                key = _shape_key(X)
-                if key not in self._output_shapes:
-                    shapes, _ = _layer_shapes(problem, taps, X)
-                    self._output_shapes[key] = {name: shapes[name][1] for name in layers if name in shapes}
-                zeros = {name: torch.zeros(shape, dtype=problem.dtype, device=problem.device)
-                         for name, shape in self._output_shapes[key].items()}
+                zeros = self.perturbations(taps, X)
 
                 def forward(perturbations):
                     taps.reset(perturbations)
@@ -228,14 +133,9 @@ class KroneckerLayers:
             problem.record_loss(problem.reduction_factor * total)
 
 
-def _inputs(taps: _Taps, layers, input_layers, index: int) -> dict[str, torch.Tensor]:
+def _inputs(taps: Taps, layers, input_layers, index: int) -> dict[str, torch.Tensor]:
     """The recorded inputs, after checking that every tapped layer ran exactly once."""
-    irregular = [name for name in layers if taps.calls.get(name) != 1 or name not in taps.inputs]
-    if irregular:
-        raise InvalidProblem(
-            f"batch {index}: layer(s) {', '.join(irregular)} did not run exactly once as on the first batch; "
-            f"give batches on which the model runs the same layers"
-        )
+    taps.check(index)
     return {name: layer_input(layers[name], taps.inputs[name].detach()) for name in input_layers}
 
 
