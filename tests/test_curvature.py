@@ -613,6 +613,18 @@ class _ExtraOnEvenBatches(torch.nn.Module):
         return self.head(h)
 
 
+class _WeightReadOutside(torch.nn.Module):
+    """A Linear whose weight the forward pass also reads outside its call (a temperature of the logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.head(torch.relu_(self.first(x)))
+        return out * (1 + 0.1 * self.first.weight.square().sum())
+
+
 def _lone_product_case(name):
     """``(model, batches)``: float64, two unequal batches."""
     gen = torch.Generator().manual_seed(3)
@@ -625,17 +637,19 @@ def _lone_product_case(name):
         model = nn.Sequential(nn.Conv3d(2, 4, 2, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 2))
         x = torch.randn(7, 2, 3, 3, 3, generator=gen)
     else:
-        model = _TwiceApplied() if name == "applied_twice" else _ExtraOnEvenBatches()
+        model = {"applied_twice": _TwiceApplied, "extra_on_even_batches": _ExtraOnEvenBatches,
+                 "weight_read_outside": _WeightReadOutside}[name]()
         x = torch.randn(7, 3, generator=gen)
     y = torch.randint(0, 2, (7,), generator=gen)
     return model.double().eval(), [(x[:4].double(), y[:4]), (x[4:].double(), y[4:])]
 
 
 # ∇L passes one lone product records, with every parameter studied and with all but the last: a layer
-# runs the lone path when it is tapped (a Linear or Conv run once, all its parameters studied), a batch
-# on which a tapped layer does not run once records its pass, and so does every batch when none is tapped.
+# runs the lone path when it is tapped (a Linear or Conv run once, all its parameters studied and read
+# only inside its call), a batch on which a tapped layer does not run once records its pass, and so does
+# every batch when none is tapped.
 LONE_PRODUCT_PASSES = {"conv1d_circular": (0, 0), "conv3d_grouped": (0, 0), "applied_twice": (0, 2),
-                       "extra_on_even_batches": (1, 1)}
+                       "extra_on_even_batches": (1, 1), "weight_read_outside": (0, 2)}
 
 
 @pytest.mark.parametrize("name", list(LONE_PRODUCT_PASSES))

@@ -5,8 +5,8 @@ direction ``v`` back through ``∇L`` gives ``H v``, and K directions are K pass
 one recorded graph, which :meth:`~curvlab.operators.base.SummedOverData.reusing_passes` keeps for
 the next products.
 
-A lone product skips the weight gradients of the Linear and Conv layers, which the pass back never
-reads: it is ``H v = ∇_θ (∇L · v)`` with ``∇L · v`` from a reverse pass in which each such layer's
+A lone product skips the weight gradients of the Linear and Conv layers (those whose parameters are
+read only inside their own call), which the pass back never reads: it is ``H v = ∇_θ (∇L · v)`` with ``∇L · v`` from a reverse pass in which each such layer's
 share is ``∂L/∂s · f(a; v)``, its output gradient against its output at its input ``a`` with its
 parameters replaced by their part of ``v`` (``f`` is linear in them), and only the other parameters'
 gradients are formed. (Reverse-over-forward would do the same with ``∇L · v`` from forward mode,
@@ -69,7 +69,7 @@ class Hessian(SummedOverData):
         """
         problem = self.problem
         if self._layers is None:
-            self._layers = TappedLayers(problem, is_affine_layer)
+            self._layers = TappedLayers(problem, is_affine_layer, exclusive=True)
         layers = self._layers
         if not layers.modules:
             return None

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from curvlab.errors import InvalidProblem
 from curvlab.problem import Problem, batch_size, differentiable_kernels
@@ -93,6 +95,52 @@ def layer_shapes(problem: Problem, taps: Taps, X) -> tuple[dict, dict]:
     return dict(taps.shapes), dict(taps.calls)
 
 
+class _ParameterReads(TorchDispatchMode):
+    """Records the modules whose parameters an operation reads outside the module's own call."""
+
+    def __init__(self, owners: dict[int, str]):
+        super().__init__()
+        self.owners, self.inside, self.outside = owners, set(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for leaf in tree_leaves((args, kwargs)):
+            owner = self.owners.get(id(leaf))
+            if owner is not None and owner not in self.inside:
+                self.outside.add(owner)
+        return func(*args, **kwargs)
+
+
+def read_elsewhere(problem: Problem, layers: Mapping[str, nn.Module], X) -> set[str]:
+    """The names in ``layers`` whose parameters the forward pass on ``X`` also reads outside the layer's call.
+
+    Found on the ``meta`` device (for real, without gradients, when the model cannot run there): a
+    dispatch mode sees every operation's operands while hooks mark which layer is running.
+    """
+    meta = {name: _to_meta(tensor) for name, tensor in problem.model.named_parameters()}
+    meta.update({name: _to_meta(tensor) for name, tensor in problem.model.named_buffers()})
+    handles = []
+    for values, inputs in ((meta, _to_meta(X)), (problem.params, X)):
+        owners = {id(values[f"{name}.{local}" if name else local]): name
+                  for name, module in layers.items() for local, _ in module.named_parameters(recurse=False)
+                  if (f"{name}.{local}" if name else local) in values}
+        reads = _ParameterReads(owners)
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(lambda module, args, name=name: reads.inside.add(name)))
+            handles.append(module.register_forward_hook(lambda module, args, output, name=name: reads.inside.discard(name)))
+        try:
+            with reads, torch.no_grad():
+                problem.forward(values, inputs)
+            return reads.outside
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            continue
+        finally:
+            for handle in handles:
+                handle.remove()
+            handles.clear()
+    return set(layers)
+
+
 def _shape_key(X) -> tuple:
     if isinstance(X, Mapping):
         return tuple((key, tuple(value.shape)) for key, value in sorted(X.items()))
@@ -104,13 +152,15 @@ class TappedLayers:
 
     A module qualifies when ``accept(module, names)`` holds for it and its studied parameter names, it
     holds no parameter that another module also holds (weight tying), it is called exactly once per
-    forward pass with a tensor output (checked on the first batch), and :meth:`fits` its shapes.
+    forward pass with a tensor output (checked on the first batch), and :meth:`fits` its shapes. With
+    ``exclusive``, the forward pass must also read its parameters only inside its own call
+    (:func:`read_elsewhere`).
 
     Attributes:
         modules: module name -> module, in ``problem.module_blocks()`` order.
     """
 
-    def __init__(self, problem: Problem, accept: Callable[[nn.Module, list[str]], bool]):
+    def __init__(self, problem: Problem, accept: Callable[[nn.Module, list[str]], bool], exclusive: bool = False):
         self.problem = problem
         named = dict(problem.model.named_modules())
         shared = shared_parameters(problem.model)
@@ -125,6 +175,9 @@ class TappedLayers:
             shapes, calls = layer_shapes(problem, taps, X)
         self.modules = {name: module for name, module in candidates.items()
                         if calls.get(name) == 1 and name in shapes and self.fits(module, *shapes[name], batch_size(X))}
+        if exclusive and self.modules:
+            elsewhere = read_elsewhere(problem, self.modules, X)
+            self.modules = {name: module for name, module in self.modules.items() if name not in elsewhere}
         self._output_shapes[_shape_key(X)] = {name: shapes[name][1] for name in self.modules}
 
     def fits(self, module: nn.Module, input_shape: torch.Size, output_shape: torch.Size, size: int) -> bool:
