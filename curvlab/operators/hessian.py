@@ -5,12 +5,13 @@ direction ``v`` back through ``∇L`` gives ``H v``, and K directions are K pass
 one recorded graph, which :meth:`~curvlab.operators.base.SummedOverData.reusing_passes` keeps for
 the next products.
 
-A lone product skips the weight gradients of the Linear and Conv layers (those whose parameters are
-read only inside their own call), which the pass back never reads: it is ``H v = ∇_θ (∇L · v)`` with ``∇L · v`` from a reverse pass in which each such layer's
-share is ``∂L/∂s · f(a; v)``, its output gradient against its output at its input ``a`` with its
-parameters replaced by their part of ``v`` (``f`` is linear in them), and only the other parameters'
-gradients are formed. (Reverse-over-forward would do the same with ``∇L · v`` from forward mode,
-but torch 2.13 differentiates layer norm's forward-mode rule wrongly: 23 % error.)
+A lone product skips the weight gradients of the Linear and Conv layers whose parameters are read
+only inside their own call, which the pass back never reads. It is ``H v = ∇_θ (∇L · v)``, with
+``∇L · v`` from a reverse pass in which each such layer's share is ``∂L/∂s · f(a; v)``: its output
+gradient against its output at its input ``a`` with its parameters replaced by their part of ``v``
+(``f`` is linear in them). Only the other parameters' gradients are formed. (Reverse-over-forward
+would do the same with ``∇L · v`` from forward mode, but torch 2.13 differentiates layer norm's
+forward-mode rule wrongly: 23 % error.)
 """
 
 from collections.abc import Mapping
@@ -26,7 +27,10 @@ from curvlab.problem import Problem, differentiable_kernels
 
 
 def is_affine_layer(module: nn.Module, names: list[str]) -> bool:
-    """Whether ``module`` is a Linear or Conv1d/2d/3d whose every parameter is studied (``names``): ``f(a; θ)`` linear in ``θ``."""
+    """Whether ``module`` is a Linear or Conv1d/2d/3d with every parameter studied (``names``).
+
+    Its output ``f(a; θ)`` at its input ``a`` is then linear in its parameters ``θ``.
+    """
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and len(names) == len(
         list(module.parameters(recurse=False)))
 
@@ -62,10 +66,10 @@ class Hessian(SummedOverData):
         return problem.stack_columns(columns, count)
 
     def _lone_product(self, X, y, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """``H v = ∇_θ (∇L · v)`` on one batch without the affine layers' weight gradients; ``None`` when none is tapped.
+        """``H v = ∇_θ (∇L · v)`` on one batch without the affine layers' weight gradients.
 
-        Also ``None`` when a tapped layer does not run exactly once on this batch: the caller then takes
-        the recorded pass.
+        ``None`` when no layer is tapped, or when a tapped layer does not run exactly once on this
+        batch: the caller then takes the recorded pass.
         """
         problem = self.problem
         if self._layers is None:

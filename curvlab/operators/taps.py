@@ -112,22 +112,21 @@ class _ParameterReads(TorchDispatchMode):
 
 
 def read_elsewhere(problem: Problem, layers: Mapping[str, nn.Module], X) -> set[str]:
-    """The names in ``layers`` whose parameters the forward pass on ``X`` also reads outside the layer's call.
+    """The names in ``layers`` whose parameters the forward pass on ``X`` reads outside the layer's own call.
 
     Found on the ``meta`` device (for real, without gradients, when the model cannot run there): a
     dispatch mode sees every operation's operands while hooks mark which layer is running.
     """
+    owned = {name: [f"{name}.{local}" if name else local for local, _ in module.named_parameters(recurse=False)]
+             for name, module in layers.items()}
     meta = {name: _to_meta(tensor) for name, tensor in problem.model.named_parameters()}
     meta.update({name: _to_meta(tensor) for name, tensor in problem.model.named_buffers()})
-    handles = []
     for values, inputs in ((meta, _to_meta(X)), (problem.params, X)):
-        owners = {id(values[f"{name}.{local}" if name else local]): name
-                  for name, module in layers.items() for local, _ in module.named_parameters(recurse=False)
-                  if (f"{name}.{local}" if name else local) in values}
-        reads = _ParameterReads(owners)
-        for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(lambda module, args, name=name: reads.inside.add(name)))
-            handles.append(module.register_forward_hook(lambda module, args, output, name=name: reads.inside.discard(name)))
+        reads = _ParameterReads({id(values[full]): name for name, names in owned.items() for full in names
+                                 if full in values})
+        hooks = [hook for name, module in layers.items() for hook in (
+            module.register_forward_pre_hook(lambda *_, name=name: reads.inside.add(name)),
+            module.register_forward_hook(lambda *_, name=name: reads.inside.discard(name)))]
         try:
             with reads, torch.no_grad():
                 problem.forward(values, inputs)
@@ -135,9 +134,8 @@ def read_elsewhere(problem: Problem, layers: Mapping[str, nn.Module], X) -> set[
         except (RuntimeError, NotImplementedError, TypeError, ValueError):
             continue
         finally:
-            for handle in handles:
-                handle.remove()
-            handles.clear()
+            for hook in hooks:
+                hook.remove()
     return set(layers)
 
 
@@ -185,7 +183,7 @@ class TappedLayers:
         return True
 
     def perturbations(self, taps: Taps, X) -> dict[str, torch.Tensor]:
-        """Zeros of every tapped layer's output shape on batch ``X`` (a ``meta`` pass through ``taps`` for a new input shape)."""
+        """Zeros of every tapped layer's output shape on batch ``X`` (new input shapes: a ``meta`` pass through ``taps``)."""
         key = _shape_key(X)
         if key not in self._output_shapes:
             shapes, _ = layer_shapes(self.problem, taps, X)
