@@ -600,14 +600,17 @@ class _TwiceApplied(torch.nn.Module):
 
 
 class _ExtraOnEvenBatches(torch.nn.Module):
-    """A Linear that runs only on batches of an even size: on the others the lone product falls back."""
+    """A Linear that runs only on batches of an even size: on the others the lone product falls back.
+
+    The tapped first layer's output (its perturbation added) is then changed in place.
+    """
 
     def __init__(self):
         super().__init__()
         self.first, self.extra, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
 
     def forward(self, x):
-        h = torch.tanh(self.first(x))
+        h = torch.nn.functional.leaky_relu(self.first(x), 0.1, inplace=True)
         if x.shape[0] % 2 == 0:
             h = torch.tanh(self.extra(h))
         return self.head(h)
@@ -621,7 +624,7 @@ class _WeightReadOutside(torch.nn.Module):
         self.first, self.head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
 
     def forward(self, x):
-        out = self.head(torch.relu_(self.first(x)))
+        out = self.head(torch.tanh(self.first(x)))
         return out * (1 + 0.1 * self.first.weight.square().sum())
 
 
