@@ -32,6 +32,11 @@ def _to_meta(value):
     return torch.empty_like(value, device="meta")
 
 
+def _meta_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` as a ``meta`` tensor, for a forward pass without arithmetic."""
+    return _to_meta(dict(model.named_parameters()) | dict(model.named_buffers()))
+
+
 class Taps:
     """Forward hooks on the tapped layers; record inputs, output shapes and calls, and add perturbations."""
 
@@ -83,11 +88,9 @@ def layer_shapes(problem: Problem, taps: Taps, X) -> tuple[dict, dict]:
     The forward pass runs on the ``meta`` device; a model it cannot run there (an operator without a
     meta kernel, or control flow on values) is run for real once, without gradients.
     """
-    values = {name: _to_meta(tensor) for name, tensor in problem.model.named_parameters()}
-    values.update({name: _to_meta(tensor) for name, tensor in problem.model.named_buffers()})
     taps.reset({})
     try:
-        problem.forward(values, _to_meta(X))
+        problem.forward(_meta_values(problem.model), _to_meta(X))
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         taps.reset({})
         with torch.no_grad():
@@ -119,9 +122,7 @@ def read_elsewhere(problem: Problem, layers: Mapping[str, nn.Module], X) -> set[
     """
     owned = {name: [f"{name}.{local}" if name else local for local, _ in module.named_parameters(recurse=False)]
              for name, module in layers.items()}
-    meta = {name: _to_meta(tensor) for name, tensor in problem.model.named_parameters()}
-    meta.update({name: _to_meta(tensor) for name, tensor in problem.model.named_buffers()})
-    for values, inputs in ((meta, _to_meta(X)), (problem.params, X)):
+    for values, inputs in ((_meta_values(problem.model), _to_meta(X)), (problem.params, X)):
         reads = _ParameterReads({id(values[full]): name for name, names in owned.items() for full in names
                                  if full in values})
         hooks = [hook for name, module in layers.items() for hook in (
@@ -174,7 +175,8 @@ class TappedLayers:
         self.modules = {name: module for name, module in candidates.items()
                         if calls.get(name) == 1 and name in shapes and self.fits(module, *shapes[name], batch_size(X))}
         if exclusive and self.modules:
-            elsewhere = read_elsewhere(problem, self.modules, X)
+            with differentiable_kernels():  # the kernels the products run, which may read other parameters
+                elsewhere = read_elsewhere(problem, self.modules, X)
             self.modules = {name: module for name, module in self.modules.items() if name not in elsewhere}
         self._output_shapes[_shape_key(X)] = {name: shapes[name][1] for name in self.modules}
 
